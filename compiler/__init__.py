@@ -1,0 +1,81 @@
+"""momentprop: compile a PyTorch model and a Gaussian weight posterior into one moment-propagating graph.
+
+The pipeline, one module per step::
+
+    capture.capture          torch.export with a dynamic batch, decomposed to the rules' op set
+    posterior.read_posterior the posterior as {parameter name: variance}
+    rewrite.MomentInterpreter + rewrite.rewrite
+                             every op replaced by its rule from momentprop.passes, traced into the moment graph
+    emit.emit_onnx           the moment graph as ONNX with a model card
+    runtime.CompiledModel    cm(x), cm.predict(x), cm.to_onnx(path)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .capture import capture, normalise_example_inputs
+from .errors import CaptureError, InputError, MomentpropError, PosteriorError, UnsupportedOpError
+from .posterior import read_posterior
+from .rewrite import HeadConfig, MomentInterpreter, count_outputs, rewrite
+from .runtime import CompiledModel, OnnxRunner
+
+__all__ = [
+    "CaptureError", "CompiledModel", "InputError", "MomentpropError", "OnnxRunner", "PosteriorError",
+    "UnsupportedOpError", "__version__", "compile",
+]
+
+_COVARIANCES = ("diag", "full")
+_LIKELIHOODS = (None, "classification", "regression")
+
+
+def compile(
+    model: nn.Module,
+    posterior: object,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    *,
+    covariance: str = "diag",
+    likelihood: str | None = None,
+    sigma_noise: float | None = None,
+    output_covariance: bool = False,
+    variance_scale: float = 1.0,
+) -> CompiledModel:
+    """Compile ``model`` with a diagonal Gaussian weight ``posterior`` into a moment graph.
+
+    Args:
+        model: any module torch.export can capture; it is not modified.
+        posterior: ``{parameter name: variance}``, a flat variance vector over the trainable parameters in
+            ``model.parameters()`` order, a float, or an ``ivon.IVON`` optimizer.
+        example_inputs: tensors for one call ``model(*example_inputs)``; dim 0 is the (dynamic) batch.
+        covariance: ``"diag"`` (variances) or ``"full"`` (covariance over the last dim, per sample).
+        likelihood: ``"classification"`` (probit head), ``"regression"`` (observation noise) or None.
+        sigma_noise: regression observation noise standard deviation.
+        output_covariance: in diag mode, return the full covariance of the final layer's output.
+        variance_scale: multiplies the output (co)variance (the paper's scale factor).
+    """
+    if covariance not in _COVARIANCES:
+        raise InputError(f"covariance must be one of {_COVARIANCES}, got {covariance!r}")
+    if likelihood not in _LIKELIHOODS:
+        raise InputError(f"likelihood must be one of {_LIKELIHOODS}, got {likelihood!r}")
+    if sigma_noise is not None and (likelihood != "regression" or not sigma_noise >= 0):
+        raise InputError("sigma_noise must be a non-negative number and needs likelihood='regression'")
+    if not (variance_scale > 0 and variance_scale != float("inf")):
+        raise InputError(f"variance_scale must be a positive finite number, got {variance_scale!r}")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = normalise_example_inputs(example_inputs)
+    variances = read_posterior(model, posterior)
+    program = capture(model, inputs)
+    if count_outputs(program) != 1:
+        raise CaptureError(
+            f"{type(model).__name__} returns {count_outputs(program)} tensors; momentprop compiles a model with "
+            "one output tensor (wrap the model to return the one you want moments of)"
+        )
+    head = HeadConfig(covariance, likelihood, output_covariance and covariance == "diag")
+    interpreter = MomentInterpreter(program, model, variances, head, sigma_noise, variance_scale)
+    input_names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    return CompiledModel(rewrite(interpreter, inputs), interpreter, inputs, input_names, sigma_noise)

@@ -1,0 +1,92 @@
+"""Step 1: capture the model as an ATen graph with torch.export, batch size dynamic.
+
+Decomposition goes down to core ATen except for the ops that have a moment rule of their own (``linear``,
+``gelu``, ``silu``, ...): keeping those whole gives smaller graphs, and composites we do not keep are still
+linearised as one function by the elementwise rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+
+from momentprop.passes import kept_whole
+
+from .errors import CaptureError, InputError
+
+
+def normalise_example_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
+    """Check the example inputs and return them as a tuple of tensors."""
+    if example_inputs is None:
+        raise InputError(
+            "example_inputs is required: pass a tuple of input tensors for one call of model(...), "
+            "e.g. example_inputs=(x,)"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise InputError(
+            f"example_inputs must be a non-empty tuple of tensors, got {type(example_inputs).__name__}"
+        )
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"example_inputs[{i}] is a {type(x).__name__}; every example input must be a tensor")
+        if x.dim() == 0:
+            raise InputError(f"example_inputs[{i}] is a scalar; inputs need a leading batch dimension")
+    return tuple(example_inputs)
+
+
+def with_batch_of_two(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """torch.export fixes a dynamic dimension whose example size is 1, so capture at batch 2 at least."""
+    return tuple(x if x.shape[0] >= 2 else x.expand(2, *x.shape[1:]).clone() for x in inputs)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode and restore each one's own training flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.train(flag)
+
+
+def batch_dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, Dim], ...]:
+    batch = Dim("batch")
+    return tuple({0: batch} for _ in inputs)
+
+
+def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> ExportedProgram:
+    """Export ``model`` in eval mode with a dynamic batch and decompose it to the op set of the rules."""
+    inputs = with_batch_of_two(example_inputs)
+    with eval_mode(model), torch.no_grad():
+        try:
+            model(*inputs)
+        except Exception as exc:
+            shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+            raise InputError(
+                f"calling the model on example_inputs of shapes {shapes} failed ({type(exc).__name__}: {exc}); "
+                "pass example inputs that model(*example_inputs) accepts"
+            ) from exc
+        try:
+            program = torch.export.export(
+                model, inputs, dynamic_shapes=batch_dynamic_shapes(inputs), strict=False
+            )
+        except Exception as exc:
+            raise CaptureError(
+                f"torch.export could not capture {type(model).__name__} with a dynamic batch dimension: "
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}\n"
+                "momentprop needs a model that torch.export.export(model, example_inputs, strict=False) can "
+                "trace; data-dependent Python control flow and ops that fix the batch size are the usual causes "
+                "(see https://pytorch.org/docs/stable/export.html)."
+            ) from exc
+    table = torch.export.default_decompositions()
+    for op in kept_whole():
+        table.pop(op, None)
+    return program.run_decompositions(table)

@@ -1,0 +1,52 @@
+"""Step 4: emit the moment graph as an ONNX file with a model card in its metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+import torch
+from torch.export import ExportedProgram
+
+
+def output_names(likelihood: str | None, full: bool) -> list[str]:
+    names = ["mean", "covariance" if full else "variance"]
+    if likelihood == "classification":
+        names.append("probs")
+    elif likelihood == "regression":
+        names.append("predictive_covariance" if full else "predictive_variance")
+    return names
+
+
+def emit_onnx(
+    program: ExportedProgram,
+    example_inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    names: Sequence[str],
+    model_card: dict[str, object],
+    path: str | os.PathLike,
+) -> Path:
+    """Export ``program`` to ``path`` (batch dynamic), attach ``model_card`` and run the full ONNX check."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx_program = torch.onnx.export(
+        program,
+        tuple(example_inputs),
+        input_names=list(input_names),
+        output_names=list(names),
+        dynamo=True,
+        optimize=True,
+        verbose=False,
+    )
+    model = onnx_program.model_proto
+    del model.metadata_props[:]
+    for key, value in model_card.items():
+        entry = model.metadata_props.add()
+        entry.key = f"momentprop.{key}"
+        entry.value = value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path

@@ -1,0 +1,130 @@
+"""Step 2: read the posterior and attach it to the model's parameters.
+
+Accepted forms (all diagonal Gaussians centred on the model's current parameters):
+
+* ``{parameter name: variance tensor of the parameter's shape}`` (names as in ``model.named_parameters()``,
+  tied aliases accepted);
+* a flat vector over the parameters that require grad, in ``model.parameters()`` order, each tensor
+  row-major (laplace-torch's ``posterior_variance`` convention);
+* a float: that variance for every parameter that requires grad;
+* an ``ivon.IVON`` optimizer: variance ``1 / (ess * (hess + weight_decay))`` per parameter.
+
+Parameters without a variance are deterministic.  The user's tensors are copied, never modified.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .errors import PosteriorError
+
+Posterior = dict[str, torch.Tensor]
+
+
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """Map every name a parameter is reachable under (tied aliases too) to its first name."""
+    first_name: dict[int, str] = {}
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names[name] = first_name.setdefault(id(p), name)
+    return names
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _check_variance(name: str, variance: torch.Tensor) -> None:
+    if not torch.isfinite(variance).all():
+        raise PosteriorError(f"the variance of '{name}' contains NaN or infinite values; variances must be finite")
+    if (variance < 0).any():
+        raise PosteriorError(
+            f"the variance of '{name}' has negative entries (min {variance.min().item():.3g}); "
+            "pass variances (squared standard deviations), which are >= 0"
+        )
+
+
+def _from_mapping(model: nn.Module, posterior: Mapping) -> Posterior:
+    names = canonical_names(model)
+    params = dict(model.named_parameters())
+    result: Posterior = {}
+    for key, variance in posterior.items():
+        if key not in names:
+            close = [n for n in params if n.endswith(str(key).split(".")[-1])][:5]
+            raise PosteriorError(
+                f"posterior key '{key}' names no parameter of {type(model).__name__}; "
+                f"use names from model.named_parameters() (similar: {close or list(params)[:5]})"
+            )
+        name = names[key]
+        variance = torch.as_tensor(variance).detach()
+        if variance.shape != params[name].shape:
+            raise PosteriorError(
+                f"the variance for '{key}' has shape {tuple(variance.shape)} but the parameter has shape "
+                f"{tuple(params[name].shape)}; give one variance per parameter entry"
+            )
+        result[name] = variance
+    return result
+
+
+def _from_flat(model: nn.Module, flat: torch.Tensor) -> Posterior:
+    trainable = _trainable(model)
+    expected = sum(p.numel() for _, p in trainable)
+    if flat.dim() != 1 or flat.numel() != expected:
+        raise PosteriorError(
+            f"a flat posterior variance must be a vector with one entry per trainable parameter entry "
+            f"({expected} for {len(trainable)} tensors that require grad, in model.parameters() order); "
+            f"got shape {tuple(flat.shape)}"
+        )
+    result, offset = {}, 0
+    for name, p in trainable:
+        result[name] = flat[offset: offset + p.numel()].reshape(p.shape)
+        offset += p.numel()
+    return result
+
+
+def _from_ivon(model: nn.Module, optimizer) -> Posterior:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    result = {}
+    for group in optimizer.param_groups:
+        if "hess" not in group:
+            raise PosteriorError("the IVON optimizer has no Hessian estimate yet; train with it before compiling")
+        variance = 1.0 / (group["ess"] * (group["hess"] + group["weight_decay"]))
+        offset = 0
+        for p in group["params"]:
+            if id(p) not in by_id:
+                raise PosteriorError(
+                    "the IVON optimizer holds parameters that are not in this model; pass the optimizer that "
+                    "trained this model"
+                )
+            result[by_id[id(p)]] = variance[offset: offset + p.numel()].reshape(p.shape)
+            offset += p.numel()
+    return result
+
+
+def _is_ivon(posterior: object) -> bool:
+    return type(posterior).__name__ == "IVON" and hasattr(posterior, "param_groups")
+
+
+def read_posterior(model: nn.Module, posterior: object) -> Posterior:
+    """Normalise any accepted posterior form to ``{canonical parameter name: variance}`` (float copies)."""
+    if isinstance(posterior, bool):
+        raise PosteriorError("the posterior must be a dict, a flat tensor, a float or an ivon.IVON optimizer")
+    if isinstance(posterior, (int, float)):
+        result = {n: torch.full_like(p, float(posterior)) for n, p in _trainable(model)}
+    elif isinstance(posterior, Mapping):
+        result = _from_mapping(model, posterior)
+    elif isinstance(posterior, torch.Tensor):
+        result = _from_flat(model, posterior.detach())
+    elif _is_ivon(posterior):
+        result = _from_ivon(model, posterior)
+    else:
+        raise PosteriorError(
+            f"cannot read a posterior from {type(posterior).__name__}; pass a dict {{parameter name: variance}}, "
+            "a flat variance vector in model.parameters() order, a float, or an ivon.IVON optimizer"
+        )
+    for name, variance in result.items():
+        _check_variance(name, variance)
+    return {n: v.detach().to(torch.float32 if not v.is_floating_point() else v.dtype).clone() for n, v in result.items()}

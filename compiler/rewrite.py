@@ -1,0 +1,186 @@
+"""Step 3: rewrite the captured graph into its moment-propagating analogue.
+
+:class:`MomentInterpreter` walks the captured ATen graph once per call: ops whose arguments are all
+deterministic run unchanged, every other op goes to its rule from ``momentprop.passes``.  Exporting that
+interpreter with torch.export traces the rules into a plain ATen graph, the *moment graph*: it is what
+``cm(x)`` runs and what is emitted to ONNX, so torch and ONNX agree by construction, and branches that carry
+no variance never appear in it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+from torch.utils import _pytree as pytree
+
+from momentprop.passes import Moment, RuleContext, heads, lookup
+from momentprop.passes.registry import Covariance
+
+from .capture import batch_dynamic_shapes, with_batch_of_two
+from .errors import CaptureError, UnsupportedOpError
+from .posterior import Posterior, canonical_names
+
+LINEAR_FAMILY = {
+    torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
+    torch.ops.aten.bmm.default, torch.ops.aten.matmul.default,
+}
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    covariance: Covariance
+    likelihood: str | None
+    output_covariance: bool
+
+
+def _buffer_name(prefix: str, name: str) -> str:
+    return prefix + "__" + re.sub(r"[^0-9a-zA-Z_]", "_", name)
+
+
+def _describe(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    module = "the top-level model"
+    if stack:
+        path, kind = list(stack.values())[-1]
+        module = f"module '{path or '<root>'}' ({getattr(kind, '__name__', kind)})"
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    frames = [i for i, line in enumerate(trace) if line.strip().startswith("File ")]
+    source = ""
+    if frames:
+        last = frames[-1]
+        source = "; source: " + " ".join(line.strip() for line in trace[last:last + 2])
+    return f"{module}{source}"
+
+
+def _final_layer(graph: torch.fx.Graph) -> torch.fx.Node | None:
+    """The last linear-family node the output depends on (its covariance is kept under output_covariance)."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    ancestors, stack = set(), list(output.all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node not in ancestors:
+            ancestors.add(node)
+            stack.extend(node.all_input_nodes)
+    finals = [n for n in graph.nodes if n in ancestors and n.op == "call_function" and n.target in LINEAR_FAMILY]
+    return finals[-1] if finals else None
+
+
+class MomentInterpreter(nn.Module):
+    """Runs the captured graph with moment rules; returns (mean, variance-or-covariance[, head output])."""
+
+    def __init__(
+        self,
+        program: ExportedProgram,
+        model: nn.Module,
+        posterior: Posterior,
+        head: HeadConfig,
+        sigma_noise: float | None,
+        variance_scale: float,
+    ):
+        super().__init__()
+        self.graph = program.graph_module.graph
+        self.head = head
+        self.bindings: list[tuple] = []
+        self.random_parameters: list[str] = []
+        aliases = canonical_names(model)
+        state = program.state_dict
+        for spec in program.graph_signature.input_specs:
+            if spec.kind == InputKind.USER_INPUT:
+                self.bindings.append(("input",))
+            elif spec.kind == InputKind.PARAMETER:
+                name = aliases.get(spec.target, spec.target)
+                mean_key = _buffer_name("mean", spec.target)
+                self.register_buffer(mean_key, state[spec.target].detach().clone())
+                if name in posterior:
+                    var_key = _buffer_name("var", spec.target)
+                    self.register_buffer(var_key, posterior[name].to(state[spec.target].dtype).clone())
+                    self.bindings.append(("moment", mean_key, var_key))
+                    self.random_parameters.append(name)
+                else:
+                    self.bindings.append(("tensor", mean_key))
+            elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                key = _buffer_name("const", spec.target)
+                value = state[spec.target] if spec.kind == InputKind.BUFFER else program.constants[spec.target]
+                self.register_buffer(key, value.detach().clone())
+                self.bindings.append(("tensor", key))
+            else:
+                raise CaptureError(f"unsupported graph input kind {spec.kind} ({spec.target})")
+        self.final_layer = _final_layer(self.graph) if head.output_covariance else None
+        self.register_buffer("variance_scale", torch.tensor(float(variance_scale)))
+        if head.likelihood == "regression":
+            self.register_buffer("noise_variance", torch.tensor(float(sigma_noise or 0.0) ** 2))
+
+    def _bind(self, binding: tuple, user_inputs) -> object:
+        if binding[0] == "input":
+            return next(user_inputs)
+        if binding[0] == "tensor":
+            return getattr(self, binding[1])
+        return Moment(getattr(self, binding[1]), getattr(self, binding[2]), False)
+
+    def _run_node(self, node: torch.fx.Node, env: dict) -> object:
+        args, kwargs = pytree.tree_map_only(torch.fx.Node, env.__getitem__, (node.args, node.kwargs))
+        if not any(isinstance(leaf, Moment) for leaf in pytree.tree_leaves((args, kwargs))):
+            return node.target(*args, **kwargs)
+        rule = lookup(node.target)
+        if rule is None:
+            raise UnsupportedOpError(
+                f"no moment rule for op {node.target} reached by random values, in {_describe(node)}.\n"
+                "What you can do: make the parameters feeding this op deterministic (leave them out of the "
+                "posterior), replace the op by a supported one, or add a rule with "
+                "@momentprop.passes.register(<op>) (see the README, 'Adding an op')."
+            )
+        if not rule.elementwise:
+            args, kwargs = pytree.tree_map_only(Moment, Moment.materialised, (args, kwargs))
+        covariance = "full" if node is self.final_layer else self.head.covariance
+        return rule.fn(RuleContext(covariance), *args, **kwargs)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        env: dict[torch.fx.Node, object] = {}
+        user_inputs = iter(inputs)
+        placeholders = iter(self.bindings)
+        for node in self.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = self._bind(next(placeholders), user_inputs)
+            elif node.op == "call_function":
+                env[node] = self._run_node(node, env)
+            elif node.op == "output":
+                outputs = pytree.tree_leaves(pytree.tree_map_only(torch.fx.Node, env.__getitem__, node.args))
+                return self._head(outputs[0])
+        raise CaptureError("the captured graph has no output")
+
+    def _head(self, out: object) -> tuple[torch.Tensor, ...]:
+        full = self.head.covariance == "full" or self.head.output_covariance
+        if isinstance(out, Moment):
+            out = out.materialised()
+            if full and not out.full:
+                out = out.as_full()
+            mean, var = out.mean, out.var
+        else:
+            mean = out
+            var = out.new_zeros(*out.shape, out.shape[-1]) if full else torch.zeros_like(out)
+        var = var * self.variance_scale
+        if self.head.likelihood == "classification":
+            return mean, var, heads.probit(mean, heads.diagonal(var, full))
+        if self.head.likelihood == "regression":
+            return mean, var, heads.add_observation_noise(var, self.noise_variance, full)
+        return mean, var
+
+
+def count_outputs(program: ExportedProgram) -> int:
+    output = next(n for n in reversed(program.graph.nodes) if n.op == "output")
+    return len(pytree.tree_leaves(output.args))
+
+
+def rewrite(interpreter: MomentInterpreter, example_inputs: Sequence[torch.Tensor]) -> ExportedProgram:
+    """Trace the interpreter into the moment graph (an ExportedProgram with a dynamic batch)."""
+    inputs = with_batch_of_two(example_inputs)
+    with torch.no_grad():
+        return torch.export.export(
+            interpreter, inputs, dynamic_shapes=(batch_dynamic_shapes(inputs),), strict=False
+        )

@@ -1,0 +1,96 @@
+"""Linear layers and matrix products: Gaussian moment matching (the paper's rule for ``h = W a + b``).
+
+Written for ``h = a @ w + b`` with ``a: (..., k)`` the activation, ``w: (k, m)`` the right operand (``linear``
+passes ``W.T``), both independent, ``w`` with elementwise variance ``S`` and mean ``M``:
+
+* mean ``m_a @ M + m_b`` (the plain op at the means);
+* diag: ``Var h = m_a^2 @ S + v_a @ (M^2 + S) + s_b`` (exact for independent Gaussian operands);
+* full (``Sigma_a`` over ``k``): ``Cov h = M^T Sigma_a M + diag((m_a^2 + diag Sigma_a) @ S + s_b)``.
+
+A diagonal input with a full output (the last layer under ``output_covariance=True``) uses
+``M^T diag(v_a) M`` without forming ``diag(v_a)``.  A random right operand whose rows carry a full covariance
+(the values in attention) gives ``Cov(out_j, out_l) = sum_k a_k^2 Sigma_w[k, j, l]`` for a deterministic ``a``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .moment import Moment, is_random, mean_of
+from .registry import RuleContext, register
+
+aten = torch.ops.aten
+
+
+def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float = 1.0, beta: float = 1.0):
+    """Moments of ``beta * bias + alpha * (a @ w)`` whose mean the caller computed with the plain op."""
+    full_out = ctx.covariance == "full" or (is_random(a) and a.full) or (is_random(w) and w.full)
+    a_mean, w_mean = mean_of(a), mean_of(w)
+    elementwise = None  # contributions without cross-covariance, shaped like mean
+    cov = None  # contributions with cross-covariance, shaped mean.shape + (m,)
+
+    if is_random(w) and w.full and not is_random(a):
+        cov = torch.einsum("...ik,...kjl->...ijl", a_mean * a_mean, w.var)
+    elif is_random(w):
+        second_moment = a_mean * a_mean
+        if is_random(a):
+            second_moment = second_moment + a.variance()
+        elementwise = second_moment @ w.variance()
+
+    if is_random(a):
+        if a.full:
+            cov = _add(cov, w_mean.mT @ a.var @ w_mean)
+        elif full_out:
+            cov = _add(cov, (w_mean.mT * a.var.unsqueeze(-2)) @ w_mean)
+        else:
+            elementwise = _add(elementwise, a.var @ (w_mean * w_mean))
+
+    if alpha != 1.0:
+        elementwise = None if elementwise is None else alpha * alpha * elementwise
+        cov = None if cov is None else alpha * alpha * cov
+    if is_random(bias):
+        bias_var = bias.variance()
+        elementwise = _add(elementwise, bias_var if beta == 1.0 else beta * beta * bias_var)
+
+    if not full_out:
+        return Moment(mean, _expand(elementwise, mean.shape), False)
+    if elementwise is not None:
+        cov = _add(cov, torch.diag_embed(_expand(elementwise, mean.shape)))
+    return Moment(mean, _expand(cov, (*mean.shape, mean.shape[-1])), True)
+
+
+def _add(total: Tensor | None, part: Tensor) -> Tensor:
+    return part if total is None else total + part
+
+
+def _expand(t: Tensor, shape) -> Tensor:
+    return t if tuple(t.shape) == tuple(shape) else t.expand(shape).contiguous()
+
+
+def _transposed(w):
+    """``W.T`` for a weight stored (out, in), as a plain tensor or a moment with elementwise variance."""
+    if not is_random(w):
+        return w.mT
+    return Moment(w.mean.mT, w.variance().mT, False)
+
+
+@register(aten.linear.default)
+def linear(ctx: RuleContext, x, weight, bias=None) -> Moment:
+    """``x W^T + b`` (torch layout: W is (out, in))."""
+    mean = aten.linear.default(mean_of(x), mean_of(weight), mean_of(bias))
+    return product_moment(ctx, mean, x, _transposed(weight), bias)
+
+
+@register(aten.addmm.default)
+def addmm(ctx: RuleContext, bias, a, w, beta=1, alpha=1) -> Moment:
+    """``beta b + alpha (a @ w)`` (GPT-2's Conv1D stores w as (in, out))."""
+    mean = aten.addmm.default(mean_of(bias), mean_of(a), mean_of(w), beta=beta, alpha=alpha)
+    return product_moment(ctx, mean, a, w, bias, alpha=float(alpha), beta=float(beta))
+
+
+@register(aten.mm.default, aten.bmm.default, aten.matmul.default)
+def matmul(ctx: RuleContext, a, w) -> Moment:
+    """``a @ w`` with independent operands; a random left operand's covariance is over its last dim."""
+    mean = torch.matmul(mean_of(a), mean_of(w))
+    return product_moment(ctx, mean, a, w)

@@ -1,0 +1,131 @@
+"""The value every rule works on: a Gaussian tensor carried as a mean and a (co)variance.
+
+Two covariance kinds exist side by side:
+
+* ``full=False`` (diag): ``var`` is the elementwise variance, broadcastable to ``mean``;
+* ``full=True``: ``var`` is the covariance over the last (feature) dimension, shape ``mean.shape + (C,)``.
+
+A moment may also carry a pending elementwise Jacobian, ``tangent``: the tensor is then
+``mean + tangent * eps`` with ``eps`` the zero-mean Gaussian whose (co)variance is ``var`` (its *root*).
+Elementwise rules extend the tangent by the chain rule instead of materialising a variance after every
+op, so a composite activation such as ``x * sigmoid(x)`` or GPT-2's tanh-GELU is linearised as ONE function
+(pushing variance through each of its ops with independence assumptions is about 10x off).  Two operands
+with the same root are recognised by the identity of their ``var`` tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Union
+
+import torch
+from torch import Tensor
+
+Tangent = Union[Tensor, float, None]
+
+
+@dataclass(frozen=True, eq=False)
+class Moment:
+    mean: Tensor
+    var: Tensor
+    full: bool = False
+    tangent: Tangent = None
+
+    @property
+    def feature_size(self) -> int:
+        return self.mean.shape[-1] if self.mean.dim() else 1
+
+    def materialised(self) -> "Moment":
+        """The same Gaussian with the tangent folded into ``var`` and ``var`` shaped like ``mean``."""
+        if self.tangent is None and self._var_has_mean_shape():
+            return self
+        jac = 1.0 if self.tangent is None else self.tangent
+        if not self.full:
+            var = self.var if self.tangent is None else jac * jac * self.var
+            return Moment(self.mean, _broadcast(var, self.mean.shape), False)
+        if isinstance(jac, Tensor):
+            cov = jac.unsqueeze(-1) * jac.unsqueeze(-2) * self.var
+        else:
+            cov = (jac * jac) * self.var
+        size = self.feature_size
+        return Moment(self.mean, _broadcast(cov, (*self.mean.shape, size)), True)
+
+    def variance(self) -> Tensor:
+        """Elementwise variance, shaped like ``mean``."""
+        m = self.materialised()
+        return torch.diagonal(m.var, dim1=-2, dim2=-1) if m.full else m.var
+
+    def as_full(self) -> "Moment":
+        """Covariance over the last dimension; a diagonal moment becomes a diagonal matrix."""
+        if self.full:
+            return self.materialised()
+        return Moment(self.mean, torch.diag_embed(self.variance()), True)
+
+    def as_diag(self) -> "Moment":
+        return Moment(self.mean, self.variance(), False)
+
+    def with_tangent(self, mean: Tensor, tangent: Tangent) -> "Moment":
+        """A new value of the same root: ``mean`` with Jacobian ``tangent`` relative to ``self.var``."""
+        return replace(self, mean=mean, tangent=tangent)
+
+    def _var_has_mean_shape(self) -> bool:
+        expected = (*self.mean.shape, self.feature_size) if self.full else tuple(self.mean.shape)
+        return tuple(self.var.shape) == expected
+
+
+def _broadcast(t: Tensor, shape) -> Tensor:
+    return t if tuple(t.shape) == tuple(shape) else t.expand(shape).contiguous()
+
+
+def is_random(value: object) -> bool:
+    return isinstance(value, Moment)
+
+
+def mean_of(value: object) -> object:
+    """The mean of a moment, or the value itself when it is deterministic."""
+    return value.mean if isinstance(value, Moment) else value
+
+
+def jacobian(m: Moment) -> Tensor | float:
+    return 1.0 if m.tangent is None else m.tangent
+
+
+def chain(derivative: Tensor | float, tangent: Tensor | float) -> Tensor | float:
+    """``derivative * tangent``, skipping multiplications by exactly 1 so the graph stays small."""
+    if isinstance(derivative, float) and derivative == 1.0:
+        return tangent
+    if isinstance(tangent, float) and tangent == 1.0:
+        return derivative
+    return derivative * tangent
+
+
+def same_root(a: Moment, b: Moment) -> bool:
+    return a.var is b.var and a.full == b.full
+
+
+def promote(*moments: Moment) -> tuple[Moment, ...]:
+    """Materialise moments and bring them to one kind: full if any of them is full."""
+    if any(m.full for m in moments):
+        return tuple(m.as_full() for m in moments)
+    return tuple(m.materialised() for m in moments)
+
+
+def linear_combination(mean: Tensor, terms: list[tuple[Tensor | float, Moment]]) -> Moment:
+    """Var of ``sum_i J_i * x_i`` for independent moments ``x_i`` (each term is ``(J_i, x_i)``).
+
+    diag: ``sum_i J_i^2 v_i``;  full: ``sum_i (J_i J_i^T) * Sigma_i``.
+    """
+    moments = promote(*(m for _, m in terms))
+    full = moments[0].full
+    total = None
+    for (jac, _), m in zip(terms, moments):
+        if isinstance(jac, float) and jac == 1.0:
+            part = m.var
+        elif full and isinstance(jac, Tensor):
+            jac_b = torch.broadcast_to(jac, mean.shape)
+            part = jac_b.unsqueeze(-1) * jac_b.unsqueeze(-2) * m.var
+        else:
+            part = jac * jac * m.var
+        total = part if total is None else total + part
+    shape = (*mean.shape, mean.shape[-1]) if full else mean.shape
+    return Moment(mean, _broadcast(total, shape), full)

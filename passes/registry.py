@@ -1,0 +1,61 @@
+"""The rule table: one small function per ATen op, looked up by the rewrite driver.
+
+A rule has the signature ``rule(ctx, *args, **kwargs)`` mirroring the op's ATen schema, where every tensor
+argument is either a plain tensor (deterministic) or a :class:`Moment`.  The driver only calls a rule when at
+least one argument is a moment; ops on deterministic values run unchanged.  Rules registered with
+``elementwise=True`` receive moments as they are (possibly with a pending tangent); all others receive
+materialised moments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+Covariance = Literal["diag", "full"]
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """What a rule may need beyond its arguments.
+
+    ``covariance`` is the kind of the node's random outputs where a rule creates one from parameters (a
+    Bayesian linear layer on a deterministic input); rules that transform a moment keep its kind.
+    """
+
+    covariance: Covariance = "diag"
+
+
+@dataclass(frozen=True)
+class Rule:
+    fn: Callable
+    elementwise: bool
+
+
+RULES: dict[object, Rule] = {}
+
+
+def register(*ops: object, elementwise: bool = False) -> Callable[[Callable], Callable]:
+    """Register ``fn`` as the moment rule of ``ops`` (OpOverloads, OpOverloadPackets or Python callables)."""
+
+    def decorate(fn: Callable) -> Callable:
+        for op in ops:
+            RULES[op] = Rule(fn, elementwise)
+        return fn
+
+    return decorate
+
+
+def lookup(op: object) -> Rule | None:
+    """The rule for ``op``: an exact overload first, then its overload packet."""
+    rule = RULES.get(op)
+    if rule is None and isinstance(op, torch._ops.OpOverload):
+        rule = RULES.get(op.overloadpacket)
+    return rule
+
+
+def kept_whole() -> list[torch._ops.OpOverload]:
+    """Ops with a rule that must survive decomposition (composites we linearise as one function)."""
+    return [op for op in RULES if isinstance(op, torch._ops.OpOverload)]
