@@ -95,15 +95,17 @@ class MomentInterpreter(nn.Module):
                 self.bindings.append(("input",))
             elif spec.kind == InputKind.PARAMETER:
                 name = aliases.get(spec.target, spec.target)
-                mean_key = _buffer_name("mean", spec.target)
-                self.register_buffer(mean_key, state[spec.target].detach().clone())
-                if name in posterior:
-                    var_key = _buffer_name("var", spec.target)
-                    self.register_buffer(var_key, posterior[name].to(state[spec.target].dtype).clone())
-                    self.bindings.append(("moment", mean_key, var_key))
-                    self.random_parameters.append(name)
-                else:
+                mean_key = _buffer_name("mean", name)
+                if not hasattr(self, mean_key):
+                    self.register_buffer(mean_key, state[spec.target].detach().clone())
+                if name not in posterior:
                     self.bindings.append(("tensor", mean_key))
+                    continue
+                var_key = _buffer_name("var", name)
+                if not hasattr(self, var_key):
+                    self.register_buffer(var_key, posterior[name].to(state[spec.target].dtype).clone())
+                    self.random_parameters.append(name)
+                self.bindings.append(("moment", mean_key, var_key))
             elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 key = _buffer_name("const", spec.target)
                 value = state[spec.target] if spec.kind == InputKind.BUFFER else program.constants[spec.target]
@@ -116,12 +118,14 @@ class MomentInterpreter(nn.Module):
         if head.likelihood == "regression":
             self.register_buffer("noise_variance", torch.tensor(float(sigma_noise or 0.0) ** 2))
 
-    def _bind(self, binding: tuple, user_inputs) -> object:
+    def _bind(self, binding: tuple, user_inputs, moments: dict) -> object:
         if binding[0] == "input":
             return next(user_inputs)
         if binding[0] == "tensor":
             return getattr(self, binding[1])
-        return Moment(getattr(self, binding[1]), getattr(self, binding[2]), False)
+        if binding not in moments:  # one Moment per parameter, so tied uses share one root
+            moments[binding] = Moment(getattr(self, binding[1]), getattr(self, binding[2]), False)
+        return moments[binding]
 
     def _run_node(self, node: torch.fx.Node, env: dict) -> object:
         args, kwargs = pytree.tree_map_only(torch.fx.Node, env.__getitem__, (node.args, node.kwargs))
@@ -144,9 +148,10 @@ class MomentInterpreter(nn.Module):
         env: dict[torch.fx.Node, object] = {}
         user_inputs = iter(inputs)
         placeholders = iter(self.bindings)
+        moments: dict[tuple, Moment] = {}
         for node in self.graph.nodes:
             if node.op == "placeholder":
-                env[node] = self._bind(next(placeholders), user_inputs)
+                env[node] = self._bind(next(placeholders), user_inputs, moments)
             elif node.op == "call_function":
                 env[node] = self._run_node(node, env)
             elif node.op == "output":

@@ -16,8 +16,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .moment import Moment, is_random, promote
+from .moment import Moment, is_random, promote, same_shape
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -54,7 +55,7 @@ def _same_op(op):
 
 
 def _view_cov(cov: Tensor, mean: Tensor, *args) -> Tensor | None:
-    if mean.dim() == 0 or mean.shape[-1] != cov.shape[-1]:
+    if mean.dim() == 0 or not same_shape(mean.shape[-1:], cov.shape[-1:]):
         return None
     return cov.reshape(*mean.shape, cov.shape[-1])
 
@@ -80,9 +81,9 @@ def _unsqueeze_cov(cov: Tensor, mean: Tensor, dim: int) -> Tensor | None:
 def _squeeze_cov(cov: Tensor, mean: Tensor, dims=None) -> Tensor | None:
     n_in = cov.dim() - 1
     if dims is None:
-        dims = [d for d in range(n_in) if cov.shape[d] == 1]
+        dims = [d for d in range(n_in) if statically_known_true(cov.shape[d] == 1)]
     dims = [dims] if isinstance(dims, int) else list(dims)
-    dims = [d % n_in for d in dims if cov.shape[d % n_in] == 1]
+    dims = [d % n_in for d in dims if statically_known_true(cov.shape[d % n_in] == 1)]
     if n_in - 1 in dims:
         return None
     return cov.squeeze(dims) if dims else cov

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .moment import Moment, is_random, mean_of
+from .moment import Moment, broadcast_to, is_random, mean_of
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -54,18 +54,14 @@ def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float
         elementwise = _add(elementwise, bias_var if beta == 1.0 else beta * beta * bias_var)
 
     if not full_out:
-        return Moment(mean, _expand(elementwise, mean.shape), False)
+        return Moment(mean, broadcast_to(elementwise, mean.shape), False)
     if elementwise is not None:
-        cov = _add(cov, torch.diag_embed(_expand(elementwise, mean.shape)))
-    return Moment(mean, _expand(cov, (*mean.shape, mean.shape[-1])), True)
+        cov = _add(cov, torch.diag_embed(broadcast_to(elementwise, mean.shape)))
+    return Moment(mean, broadcast_to(cov, (*mean.shape, mean.shape[-1])), True)
 
 
 def _add(total: Tensor | None, part: Tensor) -> Tensor:
     return part if total is None else total + part
-
-
-def _expand(t: Tensor, shape) -> Tensor:
-    return t if tuple(t.shape) == tuple(shape) else t.expand(shape).contiguous()
 
 
 def _transposed(w):

@@ -20,6 +20,7 @@ from typing import Union
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 Tangent = Union[Tensor, float, None]
 
@@ -42,13 +43,13 @@ class Moment:
         jac = 1.0 if self.tangent is None else self.tangent
         if not self.full:
             var = self.var if self.tangent is None else jac * jac * self.var
-            return Moment(self.mean, _broadcast(var, self.mean.shape), False)
+            return Moment(self.mean, broadcast_to(var, self.mean.shape), False)
         if isinstance(jac, Tensor):
             cov = jac.unsqueeze(-1) * jac.unsqueeze(-2) * self.var
         else:
             cov = (jac * jac) * self.var
         size = self.feature_size
-        return Moment(self.mean, _broadcast(cov, (*self.mean.shape, size)), True)
+        return Moment(self.mean, broadcast_to(cov, (*self.mean.shape, size)), True)
 
     def variance(self) -> Tensor:
         """Elementwise variance, shaped like ``mean``."""
@@ -70,11 +71,17 @@ class Moment:
 
     def _var_has_mean_shape(self) -> bool:
         expected = (*self.mean.shape, self.feature_size) if self.full else tuple(self.mean.shape)
-        return tuple(self.var.shape) == expected
+        return same_shape(self.var.shape, expected)
 
 
-def _broadcast(t: Tensor, shape) -> Tensor:
-    return t if tuple(t.shape) == tuple(shape) else t.expand(shape).contiguous()
+def same_shape(a, b) -> bool:
+    """Shape equality that never adds a guard on a symbolic (dynamic) size: unknown counts as different."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def broadcast_to(t: Tensor, shape) -> Tensor:
+    """``t`` expanded to ``shape`` as a contiguous tensor (a no-op when it already has that shape)."""
+    return t if same_shape(t.shape, shape) else t.expand(shape).contiguous()
 
 
 def is_random(value: object) -> bool:
@@ -128,4 +135,4 @@ def linear_combination(mean: Tensor, terms: list[tuple[Tensor | float, Moment]])
             part = jac * jac * m.var
         total = part if total is None else total + part
     shape = (*mean.shape, mean.shape[-1]) if full else mean.shape
-    return Moment(mean, _broadcast(total, shape), full)
+    return Moment(mean, broadcast_to(total, shape), full)

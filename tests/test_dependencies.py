@@ -1,0 +1,47 @@
+"""Every import of the shipped code is the standard library, momentprop itself or a declared dependency."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPORT_NAMES = {"scikit-learn": "sklearn", "ivon-opt": "ivon", "onnxruntime-gpu": "onnxruntime"}
+
+
+def _declared(pyproject: dict, group: str | None) -> set[str]:
+    project = pyproject["project"]
+    specs = project["dependencies"] if group is None else project["optional-dependencies"][group]
+    names = {re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower() for spec in specs}
+    return {IMPORT_NAMES.get(n, n.replace("-", "_")) for n in names}
+
+
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """Top-level packages imported at module level, and those imported inside functions (lazily)."""
+    tree = ast.parse(path.read_text())
+    eager, lazy = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = {node.module.split(".")[0]}
+        else:
+            continue
+        (eager if node.col_offset == 0 else lazy).update(names)
+    return eager, lazy
+
+
+def test_shipped_code_imports_only_declared_dependencies():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    required = _declared(pyproject, None)
+    optional = set().union(*(_declared(pyproject, g) for g in pyproject["project"]["optional-dependencies"]))
+    allowed = set(sys.stdlib_module_names) | {"momentprop"}
+    files = sorted((ROOT / "compiler").rglob("*.py")) + sorted((ROOT / "passes").rglob("*.py"))
+    assert files
+    for path in files:
+        eager, lazy = _imports(path)
+        assert eager <= allowed | required, f"{path.name} imports {eager - allowed - required} at module level"
+        assert lazy <= allowed | required | optional, f"{path.name} imports undeclared {lazy - allowed - required - optional}"
