@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 
@@ -21,8 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--output-dir", default="exported", help="folder for digits_mlp.onnx (default: exported)")
     demo.add_argument("--epochs", type=int, default=60, help="IVON training epochs (default: 60)")
-    demo.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and sampling (default: 0)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed for the split, initialisation and sampling (default: 0)")
     demo.add_argument("--samples", type=int, default=100, help="Monte Carlo weight samples (default: 100)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="intra-op threads for torch and ONNX Runtime alike (default: 1)")
     demo.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
     return parser
 
@@ -31,11 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        if args.epochs < 1 or args.samples < 1:
-            print("momentprop demo: --epochs and --samples must be at least 1")
+        if min(args.epochs, args.samples, args.threads) < 1:
+            print("momentprop demo: --epochs, --samples and --threads must be at least 1", file=sys.stderr)
             return 2
         from .demo import run_demo
 
         run_demo(args.output_dir, epochs=args.epochs, seed=args.seed, samples=args.samples,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, threads=args.threads)
     return 0

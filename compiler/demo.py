@@ -131,13 +131,16 @@ def map_predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
         return torch.softmax(model(x), -1).numpy()
 
 
-def mc_predictor(model: nn.Module, variances: dict[str, torch.Tensor], samples: int, seed: int) -> Callable:
-    """A function ``x -> probs`` averaging the softmax over ``samples`` weight draws from N(mean, diag(var))."""
+def mc_predictor(
+    model: nn.Module, variances: dict[str, torch.Tensor], samples: int, seed: int, x: torch.Tensor
+) -> Callable[[], np.ndarray]:
+    """A thunk returning the softmax on ``x`` averaged over ``samples`` weight draws from N(mean, diag(var));
+    each call draws afresh (same seed), so its timing includes the sampling."""
     means = {n: p.detach() for n, p in model.named_parameters()}
     stds = {n: v.sqrt() for n, v in variances.items()}
     forward = torch.func.vmap(lambda params, x: functional_call(model, params, (x,)), in_dims=(0, None))
 
-    def predict(x: torch.Tensor) -> np.ndarray:
+    def predict() -> np.ndarray:
         g = torch.Generator().manual_seed(seed)
         draws = {
             n: m + stds[n] * torch.randn((samples, *m.shape), generator=g) if n in stds else m.expand(samples, *m.shape)
@@ -163,6 +166,18 @@ def quiet_export() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch with ``n`` intra-op threads: a model this small gains nothing from more, and spinning threads
+    on a busy machine slow training down by orders of magnitude."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def latency_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time of ``fn()`` in milliseconds."""
     for _ in range(warmup):
@@ -177,7 +192,11 @@ def latency_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> 
 
 # ---------------------------------------------------------------------------------------------------- report
 
-ROWS = (("map", "MAP (plain model)", "torch"), ("mc", "Monte Carlo", "torch"), ("onnx", "momentprop ONNX", "onnxruntime"))
+ROWS = (
+    ("map", "MAP (plain model)", "torch"),
+    ("mc", "Monte Carlo", "torch"),
+    ("onnx", "momentprop ONNX", "onnxruntime"),
+)
 
 
 def format_table(results: dict[str, dict[str, float]], samples: int, n_test: int) -> str:
@@ -208,44 +227,53 @@ def run_demo(
     samples: int = 100,
     progress: bool = True,
     verbose: bool = True,
+    threads: int = 1,
 ) -> dict[str, object]:
     """Train, compile, export and compare; print the table and return the metrics.
 
-    Returns ``{"map"|"mc"|"onnx": {"accuracy", "nlpd", "ece", "latency_ms"}, "ratios": {...}, "onnx_path": str,
-    "max_abs_diff_onnx_vs_torch": float, "wall_s": float}``.
+    ``threads`` is the intra-op thread count of torch and ONNX Runtime alike, so the latencies compare.
+    Returns ``{"map"|"mc"|"onnx": {"accuracy", "nlpd", "ece", "latency_ms"}, "ratios": {"onnx_over_plain",
+    "mc_over_onnx"}, "max_abs_diff_onnx_vs_torch", "onnx_path", "n_test", "wall_s"}``.
     """
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    x_train, y_train, x_test, y_test = load_data(seed)
-    model = build_mlp(x_train.shape[1], int(y_train.max()) + 1)
-    optimizer = train_ivon(model, x_train, y_train, epochs, seed, progress)
-    model.eval()
+    with torch_threads(threads):
+        torch.manual_seed(seed)
+        x_train, y_train, x_test, y_test = load_data(seed)
+        model = build_mlp(x_train.shape[1], int(y_train.max()) + 1)
+        optimizer = train_ivon(model, x_train, y_train, epochs, seed, progress)
+        model.eval()
+        with quiet_export():
+            compiled = mp.compile(model, optimizer, example_inputs=(x_test[:2],), likelihood="classification")
+            path = compiled.to_onnx(Path(output_dir) / ONNX_NAME)
+        runner = mp.OnnxRunner(path, threads=threads)
+        predictors = {
+            "map": lambda: map_predict(model, x_test),
+            "mc": mc_predictor(model, read_posterior(model, optimizer), samples, seed, x_test),
+            "onnx": lambda: runner(x_test.numpy())["probs"],
+        }
+        results = compare(predictors, y_test.numpy())
+        torch_probs = compiled.predict(x_test).numpy()
+        results["max_abs_diff_onnx_vs_torch"] = float(np.abs(predictors["onnx"]() - torch_probs).max())
+    results.update(onnx_path=str(path), n_test=len(x_test), wall_s=time.perf_counter() - start)
+    if verbose:
+        print_report(results, samples, threads)
+    return results
 
-    with quiet_export():
-        compiled = mp.compile(model, optimizer, example_inputs=(x_test[:2],), likelihood="classification")
-        path = compiled.to_onnx(Path(output_dir) / ONNX_NAME)
-    runner = mp.OnnxRunner(path)
-    x_np, labels = x_test.numpy(), y_test.numpy()
 
-    mc = mc_predictor(model, read_posterior(model, optimizer), samples, seed)
-    predictors = {
-        "map": lambda: map_predict(model, x_test),
-        "mc": lambda: mc(x_test),
-        "onnx": lambda: runner(x_np)["probs"],
+def compare(predictors: dict[str, Callable[[], np.ndarray]], labels: np.ndarray) -> dict[str, object]:
+    """Metrics and latency of each predictor (a thunk returning test-set probabilities), and the speed ratios."""
+    results: dict[str, object] = {
+        key: {**evaluate(predict(), labels), "latency_ms": latency_ms(predict)} for key, predict in predictors.items()
     }
-    results: dict[str, object] = {}
-    for key, predict in predictors.items():
-        results[key] = {**evaluate(predict(), labels), "latency_ms": latency_ms(predict)}
     results["ratios"] = {
         "onnx_over_plain": results["onnx"]["latency_ms"] / results["map"]["latency_ms"],
         "mc_over_onnx": results["mc"]["latency_ms"] / results["onnx"]["latency_ms"],
     }
-    results["max_abs_diff_onnx_vs_torch"] = float(np.abs(predictors["onnx"]() - compiled.predict(x_test).numpy()).max())
-    results["onnx_path"] = str(path)
-    results["wall_s"] = time.perf_counter() - start
-    if verbose:
-        print(f"\nwrote {path}  (ONNX vs compiled torch graph: max |diff| in probs "
-              f"{results['max_abs_diff_onnx_vs_torch']:.2e})\n")
-        print(format_table(results, samples, len(x_test)))
-        print(f"\ndemo wall time: {results['wall_s']:.1f} s")
     return results
+
+
+def print_report(results: dict[str, object], samples: int, threads: int) -> None:
+    print(f"\nwrote {results['onnx_path']}  (ONNX vs compiled torch graph: max |diff| in probs "
+          f"{results['max_abs_diff_onnx_vs_torch']:.2e})\n")
+    print(format_table(results, samples, results["n_test"]))
+    print(f"\ndemo wall time: {results['wall_s']:.1f} s ({threads} thread{'s' * (threads != 1)})")

@@ -35,7 +35,8 @@ def def_deriv(op, derivative: Callable[..., Tensor | float]) -> Callable:
 
 
 def _step(condition: Tensor, x: Tensor) -> Tensor:
-    return condition.to(x.dtype)
+    """A 0/1 derivative, kept boolean: the variance is then masked, not multiplied by the mask squared."""
+    return condition
 
 
 def _gelu_derivative(x: Tensor, y: Tensor, approximate: str = "none") -> Tensor:
@@ -92,10 +93,10 @@ def _hardswish_derivative(x, y):
 
 
 def _hardsigmoid_derivative(x, y):
-    return _step((x > -3.0) & (x < 3.0), x) / 6.0
+    return ((x > -3.0) & (x < 3.0)).to(x.dtype) / 6.0
 
 
-relu = def_deriv(aten.relu.default, lambda x, y: _step(x > 0, x))
+relu = def_deriv(aten.relu.default, lambda x, y: y > 0)  # from y: the plain Gemm+Relu fusion survives
 leaky_relu = def_deriv(
     aten.leaky_relu.default, lambda x, y, negative_slope=0.01: torch.where(x > 0, 1.0, negative_slope).to(x.dtype)
 )

@@ -36,7 +36,7 @@ def def_structural(op, full_cov: Callable[..., Tensor | None] | None = None) -> 
             return Moment(mean, op(x.var, *args, **kwargs), False)
         cov = full_cov(x.var, mean, *args, **kwargs) if full_cov is not None else None
         if cov is None:
-            cov = torch.diag_embed(op(x.variance(), *args, **kwargs))
+            cov = torch.diag_embed(op(x.variance().contiguous(), *args, **kwargs))
         return Moment(mean, cov, True)
 
     rule.__name__ = f"move_{op.__name__.replace('.', '_')}"

@@ -21,12 +21,17 @@ def _combine(mean: Tensor, a: object, b: object, d_a, d_b) -> Moment:
     if not (is_random(a) or is_random(b)):
         return mean
     if is_random(a) and is_random(b) and same_root(a, b):
-        return a.with_tangent(mean, chain(d_a, jacobian(a)) + chain(d_b, jacobian(b)))
+        return a.with_tangent(mean, _numeric(chain(d_a, jacobian(a)), mean) + _numeric(chain(d_b, jacobian(b)), mean))
     if not is_random(b):
         return a.with_tangent(mean, chain(d_a, jacobian(a)))
     if not is_random(a):
         return b.with_tangent(mean, chain(d_b, jacobian(b)))
     return linear_combination(mean, [(d_a, a), (d_b, b)])
+
+
+def _numeric(jac, like: Tensor):
+    """Boolean (0/1 mask) Jacobians as numbers, so that adding two of them sums instead of or-ing."""
+    return jac.to(like.dtype) if isinstance(jac, Tensor) and jac.dtype == torch.bool else jac
 
 
 def _mean(x: object) -> object:

@@ -26,42 +26,54 @@ aten = torch.ops.aten
 def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float = 1.0, beta: float = 1.0):
     """Moments of ``beta * bias + alpha * (a @ w)`` whose mean the caller computed with the plain op."""
     full_out = ctx.covariance == "full" or (is_random(a) and a.full) or (is_random(w) and w.full)
+    if alpha != 1.0:
+        a = _scaled(a, alpha)
     a_mean, w_mean = mean_of(a), mean_of(w)
+    a_diag = is_random(a) and not a.full
+    # Terms are accumulated onto the bias variance, product by product, so that a runtime can fuse each
+    # product with its addition (a Gemm with C), as it does for the plain layer.
     elementwise = None  # contributions without cross-covariance, shaped like mean
     cov = None  # contributions with cross-covariance, shaped mean.shape + (m,)
+    if is_random(bias):
+        elementwise = bias.variance() if beta == 1.0 else beta * beta * bias.variance()
 
     if is_random(w) and w.full and not is_random(a):
         cov = torch.einsum("...ik,...kjl->...ijl", a_mean * a_mean, w.var)
+    elif is_random(w) and a_diag and not full_out:
+        # m_a^2 S + v_a (M^2 + S): one product per operand; M^2 + S depends on parameters only.
+        w_var = w.variance()
+        elementwise = _accumulate(elementwise, (a_mean * a_mean) @ w_var)
+        return _finish(mean, _accumulate(elementwise, a.var @ (w_mean * w_mean + w_var)), None, False)
     elif is_random(w):
-        second_moment = a_mean * a_mean
-        if is_random(a):
-            second_moment = second_moment + a.variance()
-        elementwise = second_moment @ w.variance()
+        second_moment = a_mean * a_mean if not is_random(a) else a_mean * a_mean + a.variance()
+        elementwise = _accumulate(elementwise, second_moment @ w.variance())
 
     if is_random(a):
         if a.full:
-            cov = _add(cov, w_mean.mT @ a.var @ w_mean)
+            cov = _accumulate(cov, w_mean.mT @ a.var @ w_mean)
         elif full_out:
-            cov = _add(cov, (w_mean.mT * a.var.unsqueeze(-2)) @ w_mean)
+            cov = _accumulate(cov, (w_mean.mT * a.var.unsqueeze(-2)) @ w_mean)
         else:
-            elementwise = _add(elementwise, a.var @ (w_mean * w_mean))
+            elementwise = _accumulate(elementwise, a.var @ (w_mean * w_mean))
+    return _finish(mean, elementwise, cov, full_out)
 
-    if alpha != 1.0:
-        elementwise = None if elementwise is None else alpha * alpha * elementwise
-        cov = None if cov is None else alpha * alpha * cov
-    if is_random(bias):
-        bias_var = bias.variance()
-        elementwise = _add(elementwise, bias_var if beta == 1.0 else beta * beta * bias_var)
 
+def _finish(mean: Tensor, elementwise: Tensor | None, cov: Tensor | None, full_out: bool) -> Moment:
     if not full_out:
         return Moment(mean, broadcast_to(elementwise, mean.shape), False)
     if elementwise is not None:
-        cov = _add(cov, torch.diag_embed(broadcast_to(elementwise, mean.shape)))
+        cov = _accumulate(cov, torch.diag_embed(broadcast_to(elementwise, mean.shape)))
     return Moment(mean, broadcast_to(cov, (*mean.shape, mean.shape[-1])), True)
 
 
-def _add(total: Tensor | None, part: Tensor) -> Tensor:
-    return part if total is None else total + part
+def _accumulate(total: Tensor | None, part: Tensor) -> Tensor:
+    return part if total is None else part + total
+
+
+def _scaled(a, alpha: float):
+    if not is_random(a):
+        return alpha * a
+    return Moment(alpha * a.mean, alpha * alpha * a.var, a.full)
 
 
 def _transposed(w):

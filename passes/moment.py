@@ -42,8 +42,7 @@ class Moment:
             return self
         jac = 1.0 if self.tangent is None else self.tangent
         if not self.full:
-            var = self.var if self.tangent is None else jac * jac * self.var
-            return Moment(self.mean, broadcast_to(var, self.mean.shape), False)
+            return Moment(self.mean, broadcast_to(_squared(jac) * self.var, self.mean.shape), False)
         if isinstance(jac, Tensor):
             cov = jac.unsqueeze(-1) * jac.unsqueeze(-2) * self.var
         else:
@@ -72,6 +71,13 @@ class Moment:
     def _var_has_mean_shape(self) -> bool:
         expected = (*self.mean.shape, self.feature_size) if self.full else tuple(self.mean.shape)
         return same_shape(self.var.shape, expected)
+
+
+def _squared(jac: Tensor | float) -> Tensor | float:
+    """``jac^2``; a boolean Jacobian (a 0/1 mask such as relu's) is its own square."""
+    if isinstance(jac, Tensor) and jac.dtype == torch.bool:
+        return jac
+    return jac * jac
 
 
 def same_shape(a, b) -> bool:
@@ -132,7 +138,7 @@ def linear_combination(mean: Tensor, terms: list[tuple[Tensor | float, Moment]])
             jac_b = torch.broadcast_to(jac, mean.shape)
             part = jac_b.unsqueeze(-1) * jac_b.unsqueeze(-2) * m.var
         else:
-            part = jac * jac * m.var
+            part = _squared(jac) * m.var
         total = part if total is None else total + part
     shape = (*mean.shape, mean.shape[-1]) if full else mean.shape
     return Moment(mean, broadcast_to(total, shape), full)

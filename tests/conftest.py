@@ -182,3 +182,33 @@ def compiled_moments(model: nn.Module, posterior, x: torch.Tensor, covariance: s
     import momentprop as mp
 
     return mp.compile(model, posterior, example_inputs=(x,), covariance=covariance, **kwargs)(x)
+
+
+class Source(nn.Module):
+    """An exactly Gaussian random tensor with correlated features: ``bayes`` (a Linear meant to be random, on a
+    deterministic input) then ``mix`` (a deterministic Linear scaled by ``gain``, plus ``offset`` on its bias).
+    Works on inputs of any rank (features last)."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int = 8, gain: float = 1.0, offset: float = 0.0, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.bayes = nn.Linear(d_in, hidden)
+        self.mix = nn.Linear(hidden, d_out)
+        with torch.no_grad():
+            self.mix.weight.mul_(gain)
+            self.mix.bias.mul_(gain).add_(offset)
+
+    def forward(self, x):
+        return self.mix(self.bayes(x))
+
+    def reference(self, x: torch.Tensor, posterior: dict, prefix: str, full: bool) -> Gaussian:
+        """The reference moments of ``self(x)``; ``prefix`` is this module's name in the compiled model + '.'."""
+        g = Gaussian.constant(x, full)
+        g = ref_linear(g, self.bayes.weight, self.bayes.bias, posterior.get(prefix + "bayes.weight"), posterior.get(prefix + "bayes.bias"))
+        return ref_linear(g, self.mix.weight, self.mix.bias, posterior.get(prefix + "mix.weight"), posterior.get(prefix + "mix.bias"))
+
+
+def source_posterior(model: nn.Module, scale: float = 1e-2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random posterior on the ``bayes`` layers of every :class:`Source` in ``model``; everything else fixed."""
+    names = {n for n, _ in model.named_parameters() if "bayes" in n.split(".")}
+    return random_posterior(model, scale=scale, seed=seed, names=names)
