@@ -131,8 +131,9 @@ def dropout(ctx: RuleContext, x: Moment, p: float = 0.5, train: bool = False) ->
 
 @register(aten.cat.default)
 def cat(ctx: RuleContext, tensors: list, dim: int = 0) -> Moment:
-    """Concatenation of independent parts; deterministic parts get zero variance.  Along the last dimension
-    in full mode the covariance is block diagonal (exact)."""
+    """Concatenation; deterministic parts get zero variance.  Along the last dimension in full mode the
+    covariance is block diagonal: exact for independent parts, while parts cut from one random tensor
+    (``cat(x.split(...)[::-1])``) lose their cross-covariance (their diagonals stay exact)."""
     mean = aten.cat.default([t.mean if is_random(t) else t for t in tensors], dim)
     kinds = promote(*(t for t in tensors if is_random(t)))
     full = kinds[0].full

@@ -9,7 +9,8 @@ passes ``W.T``), both independent, ``w`` with elementwise variance ``S`` and mea
 
 A diagonal input with a full output (the last layer under ``output_covariance=True``) uses
 ``M^T diag(v_a) M`` without forming ``diag(v_a)``.  A random right operand whose rows carry a full covariance
-(the values in attention) gives ``Cov(out_j, out_l) = sum_k a_k^2 Sigma_w[k, j, l]`` for a deterministic ``a``.
+(the values in attention) adds ``Cov(out_j, out_l) = sum_k E[a_k^2] Sigma_w[k, j, l]`` instead of the
+diagonal term (the paper's rule for ``softmax(QK^T) V`` when the attention weights are deterministic).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float
     if is_random(bias):
         elementwise = bias.variance() if beta == 1.0 else beta * beta * bias.variance()
 
-    if is_random(w) and w.full and not is_random(a):
-        cov = torch.einsum("...ik,...kjl->...ijl", a_mean * a_mean, w.var)
+    if is_random(w) and w.full:
+        second_moment = a_mean * a_mean if not is_random(a) else a_mean * a_mean + a.variance()
+        cov = torch.einsum("...ik,...kjl->...ijl", second_moment, w.var)
     elif is_random(w) and a_diag and not full_out:
         # m_a^2 S + v_a (M^2 + S): one product per operand; M^2 + S depends on parameters only.
         w_var = w.variance()
@@ -49,10 +51,12 @@ def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float
         elementwise = _accumulate(elementwise, second_moment @ w.variance())
 
     if is_random(a):
+        # a batched right operand (..., k, m) meets a covariance (..., n, k, k) of each of the n rows of a
+        w_rows = w_mean if w_mean.dim() == 2 else w_mean.unsqueeze(-3)
         if a.full:
-            cov = _accumulate(cov, w_mean.mT @ a.var @ w_mean)
+            cov = _accumulate(cov, w_rows.mT @ a.var @ w_rows)
         elif full_out:
-            cov = _accumulate(cov, (w_mean.mT * a.var.unsqueeze(-2)) @ w_mean)
+            cov = _accumulate(cov, (w_rows.mT * a.var.unsqueeze(-2)) @ w_rows)
         else:
             elementwise = _accumulate(elementwise, a.var @ (w_mean * w_mean))
     return _finish(mean, elementwise, cov, full_out)
