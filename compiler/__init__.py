@@ -19,6 +19,7 @@ from torch import nn
 
 from ._version import __version__
 from .capture import capture, normalise_example_inputs
+from .emit import quiet_torch
 from .errors import CaptureError, InputError, MomentpropError, PosteriorError, UnsupportedOpError
 from .posterior import read_posterior
 from .rewrite import HeadConfig, MomentInterpreter, count_outputs, rewrite
@@ -69,13 +70,15 @@ def compile(
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalise_example_inputs(example_inputs)
     variances = read_posterior(model, posterior)
-    program = capture(model, inputs)
-    if count_outputs(program) != 1:
-        raise CaptureError(
-            f"{type(model).__name__} returns {count_outputs(program)} tensors; momentprop compiles a model with "
-            "one output tensor (wrap the model to return the one you want moments of)"
-        )
-    head = HeadConfig(covariance, likelihood, output_covariance and covariance == "diag")
-    interpreter = MomentInterpreter(program, model, variances, head, sigma_noise, variance_scale)
+    with quiet_torch():
+        program = capture(model, inputs)
+        if count_outputs(program) != 1:
+            raise CaptureError(
+                f"{type(model).__name__} returns {count_outputs(program)} tensors; momentprop compiles a model "
+                "with one output tensor (wrap the model to return the one you want moments of)"
+            )
+        head = HeadConfig(covariance, likelihood, output_covariance and covariance == "diag")
+        interpreter = MomentInterpreter(program, model, variances, head, sigma_noise, variance_scale)
+        moment_program = rewrite(interpreter, inputs)
     input_names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
-    return CompiledModel(rewrite(interpreter, inputs), interpreter, inputs, input_names, sigma_noise)
+    return CompiledModel(moment_program, interpreter, inputs, input_names, sigma_noise)

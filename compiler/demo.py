@@ -8,10 +8,8 @@ next to the plain model at the posterior mean (MAP) and Monte Carlo over the wei
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -153,20 +151,6 @@ def mc_predictor(
 
 
 @contextlib.contextmanager
-def quiet_export() -> Iterator[None]:
-    """Silence the exporter's FutureWarnings and its 'torchvision is not installed' log lines."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run torch with ``n`` intra-op threads: a model this small gains nothing from more, and spinning threads
     on a busy machine slow training down by orders of magnitude."""
@@ -242,9 +226,8 @@ def run_demo(
         model = build_mlp(x_train.shape[1], int(y_train.max()) + 1)
         optimizer = train_ivon(model, x_train, y_train, epochs, seed, progress)
         model.eval()
-        with quiet_export():
-            compiled = mp.compile(model, optimizer, example_inputs=(x_test[:2],), likelihood="classification")
-            path = compiled.to_onnx(Path(output_dir) / ONNX_NAME)
+        compiled = mp.compile(model, optimizer, example_inputs=(x_test[:2],), likelihood="classification")
+        path = compiled.to_onnx(Path(output_dir) / ONNX_NAME)
         runner = mp.OnnxRunner(path, threads=threads)
         predictors = {
             "map": lambda: map_predict(model, x_test),

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import onnx
 import torch
 from torch.export import ExportedProgram
+
+
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Silence torch's FutureWarnings and the exporter's 'torchvision is not installed' log lines during capture
+    and export: they are about torch internals, not about anything the user can act on."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def output_names(likelihood: str | None, full: bool) -> list[str]:
@@ -32,15 +50,16 @@ def emit_onnx(
     """Export ``program`` to ``path`` (batch dynamic), attach ``model_card`` and run the full ONNX check."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx_program = torch.onnx.export(
-        program,
-        tuple(example_inputs),
-        input_names=list(input_names),
-        output_names=list(names),
-        dynamo=True,
-        optimize=True,
-        verbose=False,
-    )
+    with quiet_torch():
+        onnx_program = torch.onnx.export(
+            program,
+            tuple(example_inputs),
+            input_names=list(input_names),
+            output_names=list(names),
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
     model = onnx_program.model_proto
     del model.metadata_props[:]
     for key, value in model_card.items():
