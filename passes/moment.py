@@ -61,9 +61,6 @@ class Moment:
             return self.materialised()
         return Moment(self.mean, torch.diag_embed(self.variance()), True)
 
-    def as_diag(self) -> "Moment":
-        return Moment(self.mean, self.variance(), False)
-
     def with_tangent(self, mean: Tensor, tangent: Tangent) -> "Moment":
         """A new value of the same root: ``mean`` with Jacobian ``tangent`` relative to ``self.var``."""
         return replace(self, mean=mean, tangent=tangent)
