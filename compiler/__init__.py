@@ -21,9 +21,10 @@ from ._version import __version__
 from .capture import capture, normalise_example_inputs
 from .emit import quiet_torch
 from .errors import CaptureError, InputError, MomentpropError, PosteriorError, UnsupportedOpError
+from .meanfield import deterministic_meanfield
 from .posterior import read_posterior
-from .rewrite import HeadConfig, MomentInterpreter, count_outputs, rewrite
-from .runtime import CompiledModel, OnnxRunner
+from .rewrite import HeadConfig, MomentInterpreter, rewrite
+from .runtime import CompiledInfo, CompiledModel, OnnxRunner
 
 __all__ = [
     "CaptureError", "CompiledModel", "InputError", "MomentpropError", "OnnxRunner", "PosteriorError",
@@ -36,7 +37,7 @@ _LIKELIHOODS = (None, "classification", "regression")
 
 def compile(
     model: nn.Module,
-    posterior: object,
+    posterior: object = None,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     *,
     covariance: str = "diag",
@@ -45,12 +46,14 @@ def compile(
     output_covariance: bool = False,
     variance_scale: float = 1.0,
 ) -> CompiledModel:
-    """Compile ``model`` with a diagonal Gaussian weight ``posterior`` into a moment graph.
+    """Compile ``model`` with a Gaussian weight ``posterior`` into a moment graph for the moments of the
+    model's first output tensor.
 
     Args:
         model: any module torch.export can capture; it is not modified.
         posterior: ``{parameter name: variance}``, a flat variance vector over the trainable parameters in
-            ``model.parameters()`` order, a float, or an ``ivon.IVON`` optimizer.
+            ``model.parameters()`` order, a float, an ``ivon.IVON`` optimizer, or None for a model built from
+            mean-field layers (bayesian-torch), whose posterior is in the layers.
         example_inputs: tensors for one call ``model(*example_inputs)``; dim 0 is the (dynamic) batch.
         covariance: ``"diag"`` (variances) or ``"full"`` (covariance over the last dim, per sample).
         likelihood: ``"classification"`` (probit head), ``"regression"`` (observation noise) or None.
@@ -71,14 +74,17 @@ def compile(
     inputs = normalise_example_inputs(example_inputs)
     variances = read_posterior(model, posterior)
     with quiet_torch():
-        program = capture(model, inputs)
-        if count_outputs(program) != 1:
-            raise CaptureError(
-                f"{type(model).__name__} returns {count_outputs(program)} tensors; momentprop compiles a model "
-                "with one output tensor (wrap the model to return the one you want moments of)"
-            )
+        with deterministic_meanfield(model):
+            program = capture(model, inputs)
         head = HeadConfig(covariance, likelihood, output_covariance and covariance == "diag")
         interpreter = MomentInterpreter(program, model, variances, head, sigma_noise, variance_scale)
         moment_program = rewrite(interpreter, inputs)
-    input_names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
-    return CompiledModel(moment_program, interpreter, inputs, input_names, sigma_noise)
+    info = CompiledInfo(
+        covariance=covariance,
+        likelihood=likelihood,
+        output_covariance=head.output_covariance,
+        sigma_noise=sigma_noise,
+        random_parameters=interpreter.random_parameters,
+        input_names=[s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"],
+    )
+    return CompiledModel(moment_program, info, inputs)

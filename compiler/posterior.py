@@ -14,14 +14,45 @@ Parameters without a variance are deterministic.  The user's tensors are copied,
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Mapping, Union
 
 import torch
 from torch import nn
 
 from .errors import PosteriorError
+from .meanfield import meanfield_posterior
 
-Posterior = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Kron:
+    """A weight (out, in) with ``Cov vec(W) = (Q_out ⊗ Q_in) diag(vec d) (Q_out ⊗ Q_in)^T``."""
+
+    q_out: torch.Tensor
+    q_in: torch.Tensor
+    d: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A weight (out, in) with a dense covariance ``block`` (out, n, out, n) over ``[W | b]`` (n = in + 1,
+    ``with_bias``) or over ``W`` (n = in)."""
+
+    block: torch.Tensor
+    with_bias: bool
+
+
+@dataclass(frozen=True)
+class FullCovariance:
+    """A 1-D parameter (a bias) with a dense covariance ``cov`` (numel, numel)."""
+
+    cov: torch.Tensor
+
+
+ParameterPosterior = Union[torch.Tensor, Kron, Dense, FullCovariance]
+# {canonical parameter name: a variance tensor of the parameter's shape, or a structured block}
+Posterior = dict[str, ParameterPosterior]
 
 
 def canonical_names(model: nn.Module) -> dict[str, str]:
@@ -110,9 +141,17 @@ def _is_ivon(posterior: object) -> bool:
 
 def read_posterior(model: nn.Module, posterior: object) -> Posterior:
     """Normalise any accepted posterior form to ``{canonical parameter name: variance}`` (float copies)."""
-    if isinstance(posterior, bool):
+    if posterior is None:
+        result = meanfield_posterior(model)
+        if not result:
+            raise PosteriorError(
+                "no posterior given and the model has no mean-field layers; pass a posterior: a dict "
+                "{parameter name: variance}, a flat variance vector, a float, a fitted laplace-torch object or an "
+                "ivon.IVON optimizer"
+            )
+    elif isinstance(posterior, bool):
         raise PosteriorError("the posterior must be a dict, a flat tensor, a float or an ivon.IVON optimizer")
-    if isinstance(posterior, (int, float)):
+    elif isinstance(posterior, (int, float)):
         result = {n: torch.full_like(p, float(posterior)) for n, p in _trainable(model)}
     elif isinstance(posterior, Mapping):
         result = _from_mapping(model, posterior)

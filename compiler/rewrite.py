@@ -58,16 +58,28 @@ def _describe(node: torch.fx.Node) -> str:
     return f"{module}{source}"
 
 
-def _final_layer(graph: torch.fx.Graph) -> torch.fx.Node | None:
-    """The last linear-family node the output depends on (its covariance is kept under output_covariance)."""
+def _first_output(graph: torch.fx.Graph) -> torch.fx.Node:
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    ancestors, stack = set(), list(output.all_input_nodes)
+    leaves = [leaf for leaf in pytree.tree_leaves(output.args) if isinstance(leaf, torch.fx.Node)]
+    if not leaves:
+        raise CaptureError("the model returns no tensor; momentprop needs a tensor output to propagate moments to")
+    return leaves[0]
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """``node`` and every node it depends on."""
+    seen, stack = set(), [node]
     while stack:
-        node = stack.pop()
-        if node not in ancestors:
-            ancestors.add(node)
-            stack.extend(node.all_input_nodes)
-    finals = [n for n in graph.nodes if n in ancestors and n.op == "call_function" and n.target in LINEAR_FAMILY]
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _final_layer(graph: torch.fx.Graph, needed: set[torch.fx.Node]) -> torch.fx.Node | None:
+    """The last linear-family node the output depends on (its covariance is kept under output_covariance)."""
+    finals = [n for n in graph.nodes if n in needed and n.op == "call_function" and n.target in LINEAR_FAMILY]
     return finals[-1] if finals else None
 
 
@@ -113,7 +125,11 @@ class MomentInterpreter(nn.Module):
                 self.bindings.append(("tensor", key))
             else:
                 raise CaptureError(f"unsupported graph input kind {spec.kind} ({spec.target})")
-        self.final_layer = _final_layer(self.graph) if head.output_covariance else None
+        # Moments are computed for the model's first output tensor (the logits of a (logits, kl) pair or of a
+        # model-output container); nodes that only feed other outputs are skipped.
+        self.output_node = _first_output(self.graph)
+        self.needed = _ancestors(self.output_node)
+        self.final_layer = _final_layer(self.graph, self.needed) if head.output_covariance else None
         self.register_buffer("variance_scale", torch.tensor(float(variance_scale)))
         if head.likelihood == "regression":
             self.register_buffer("noise_variance", torch.tensor(float(sigma_noise or 0.0) ** 2))
@@ -152,12 +168,9 @@ class MomentInterpreter(nn.Module):
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 env[node] = self._bind(next(placeholders), user_inputs, moments)
-            elif node.op == "call_function":
+            elif node.op == "call_function" and node in self.needed:
                 env[node] = self._run_node(node, env)
-            elif node.op == "output":
-                outputs = pytree.tree_leaves(pytree.tree_map_only(torch.fx.Node, env.__getitem__, node.args))
-                return self._head(outputs[0])
-        raise CaptureError("the captured graph has no output")
+        return self._head(env[self.output_node])
 
     def _head(self, out: object) -> tuple[torch.Tensor, ...]:
         full = self.head.covariance == "full" or self.head.output_covariance
@@ -175,11 +188,6 @@ class MomentInterpreter(nn.Module):
         if self.head.likelihood == "regression":
             return mean, var, heads.add_observation_noise(var, self.noise_variance, full)
         return mean, var
-
-
-def count_outputs(program: ExportedProgram) -> int:
-    output = next(n for n in reversed(program.graph.nodes) if n.op == "output")
-    return len(pytree.tree_leaves(output.args))
 
 
 def rewrite(interpreter: MomentInterpreter, example_inputs: Sequence[torch.Tensor]) -> ExportedProgram:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +14,22 @@ from torch.export import ExportedProgram
 from ._version import __version__
 from .emit import emit_onnx, output_names
 from .errors import InputError
-from .rewrite import MomentInterpreter
+
+
+@dataclass(frozen=True)
+class CompiledInfo:
+    """What the moment graph does, in JSON-friendly fields (the model card, and what save/load keep)."""
+
+    covariance: str
+    likelihood: str | None
+    output_covariance: bool
+    sigma_noise: float | None
+    random_parameters: list[str]
+    input_names: list[str]
+
+    @property
+    def returns_covariance(self) -> bool:
+        return self.covariance == "full" or self.output_covariance
 
 
 class CompiledModel:
@@ -23,40 +39,23 @@ class CompiledModel:
     covariance (``covariance="full"`` or ``output_covariance=True``).
     """
 
-    def __init__(
-        self,
-        program: ExportedProgram,
-        interpreter: MomentInterpreter,
-        example_inputs: Sequence[torch.Tensor],
-        input_names: Sequence[str],
-        sigma_noise: float | None,
-    ):
+    def __init__(self, program: ExportedProgram, info: CompiledInfo, example_inputs: Sequence[torch.Tensor]):
         self.program = program
-        self.interpreter = interpreter
+        self.info = info
         self.example_inputs = tuple(example_inputs)
-        self.input_names = list(input_names)
-        self.sigma_noise = sigma_noise
         self._module = program.module()
 
-    @property
-    def covariance(self) -> str:
-        return self.interpreter.head.covariance
-
-    @property
-    def likelihood(self) -> str | None:
-        return self.interpreter.head.likelihood
-
-    @property
-    def returns_covariance(self) -> bool:
-        return self.covariance == "full" or self.interpreter.head.output_covariance
-
-    @property
-    def random_parameters(self) -> list[str]:
-        return list(self.interpreter.random_parameters)
+    covariance = property(lambda self: self.info.covariance)
+    likelihood = property(lambda self: self.info.likelihood)
+    sigma_noise = property(lambda self: self.info.sigma_noise)
+    input_names = property(lambda self: list(self.info.input_names))
+    random_parameters = property(lambda self: list(self.info.random_parameters))
+    returns_covariance = property(lambda self: self.info.returns_covariance)
 
     @property
     def variance_scale(self) -> float:
-        return float(self.interpreter.variance_scale)
+        """Multiplies the output (co)variance; a buffer of the moment graph, so it reaches the ONNX file."""
+        return float(self.program.state_dict["variance_scale"])
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -97,7 +96,7 @@ class CompiledModel:
             "linear layers (Li, Klasson, Solin, Trapp, ICLR 2025)",
             "version": __version__,
             "covariance": self.covariance,
-            "output_covariance": self.interpreter.head.output_covariance,
+            "output_covariance": self.info.output_covariance,
             "likelihood": self.likelihood or "none",
             "sigma_noise": self.sigma_noise,
             "variance_scale": self.variance_scale,

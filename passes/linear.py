@@ -20,27 +20,23 @@ from torch import Tensor
 
 from .moment import Moment, broadcast_to, is_random, mean_of
 from .registry import RuleContext, register
+from .weights import DenseWeight, KronWeight
 
 aten = torch.ops.aten
 
 
 def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float = 1.0, beta: float = 1.0):
     """Moments of ``beta * bias + alpha * (a @ w)`` whose mean the caller computed with the plain op."""
-    full_out = ctx.covariance == "full" or (is_random(a) and a.full) or (is_random(w) and w.full)
+    full_out = ctx.covariance == "full" or any(is_random(t) and t.full for t in (a, w))
     if alpha != 1.0:
         a = _scaled(a, alpha)
+    elementwise, cov = _bias_terms(bias, beta, full_out)
     a_mean, w_mean = mean_of(a), mean_of(w)
     a_diag = is_random(a) and not a.full
-    # Terms are accumulated onto the bias variance, product by product, so that a runtime can fuse each
-    # product with its addition (a Gemm with C), as it does for the plain layer.
-    elementwise = None  # contributions without cross-covariance, shaped like mean
-    cov = None  # contributions with cross-covariance, shaped mean.shape + (m,)
-    if is_random(bias):
-        elementwise = bias.variance() if beta == 1.0 else beta * beta * bias.variance()
 
     if is_random(w) and w.full:
         second_moment = a_mean * a_mean if not is_random(a) else a_mean * a_mean + a.variance()
-        cov = torch.einsum("...ik,...kjl->...ijl", second_moment, w.var)
+        cov = _accumulate(cov, torch.einsum("...ik,...kjl->...ijl", second_moment, w.var))
     elif is_random(w) and a_diag and not full_out:
         # m_a^2 S + v_a (M^2 + S): one product per operand; M^2 + S depends on parameters only.
         w_var = w.variance()
@@ -49,16 +45,49 @@ def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float
     elif is_random(w):
         second_moment = a_mean * a_mean if not is_random(a) else a_mean * a_mean + a.variance()
         elementwise = _accumulate(elementwise, second_moment @ w.variance())
+    elementwise, cov = _input_terms(a, w_mean, elementwise, cov, full_out)
+    return _finish(mean, elementwise, cov, full_out)
 
-    if is_random(a):
-        # a batched right operand (..., k, m) meets a covariance (..., n, k, k) of each of the n rows of a
-        w_rows = w_mean if w_mean.dim() == 2 else w_mean.unsqueeze(-3)
-        if a.full:
-            cov = _accumulate(cov, w_rows.mT @ a.var @ w_rows)
-        elif full_out:
-            cov = _accumulate(cov, (w_rows.mT * a.var.unsqueeze(-2)) @ w_rows)
-        else:
-            elementwise = _accumulate(elementwise, a.var @ (w_mean * w_mean))
+
+def _bias_terms(bias, beta: float, full_out: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The bias (co)variance as the first term of the sums (a runtime then fuses each product with its addition,
+    a Gemm with C, as it does for the plain layer)."""
+    if not is_random(bias):
+        return None, None
+    scale = 1.0 if beta == 1.0 else beta * beta
+    if bias.full and full_out:
+        return None, scale * bias.var if scale != 1.0 else bias.var
+    var = bias.variance()
+    return (scale * var if scale != 1.0 else var), None
+
+
+def _input_terms(a, w_mean: Tensor, elementwise, cov, full_out: bool):
+    """Input noise through the mean weight: ``M^T Sigma_a M`` (or its diagonal ``v_a @ M^2``)."""
+    if not is_random(a):
+        return elementwise, cov
+    # a batched right operand (..., k, m) meets a covariance (..., n, k, k) of each of the n rows of a
+    w_rows = w_mean if w_mean.dim() == 2 else w_mean.unsqueeze(-3)
+    if a.full:
+        cov = _accumulate(cov, w_rows.mT @ a.var @ w_rows)
+    elif full_out:
+        cov = _accumulate(cov, (w_rows.mT * a.var.unsqueeze(-2)) @ w_rows)
+    else:
+        elementwise = _accumulate(elementwise, a.var @ (w_mean * w_mean))
+    return elementwise, cov
+
+
+def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: KronWeight | DenseWeight, bias) -> Moment:
+    """``x W^T + b`` for a weight with correlated entries: the weight noise ``E_x[Cov(W x | x)]`` from its
+    structure, plus the input noise and the bias as for any weight."""
+    full_out = ctx.covariance == "full" or (is_random(x) and x.full)
+    joint_bias = isinstance(weight, DenseWeight) and weight.with_bias
+    elementwise, cov = _bias_terms(None if joint_bias else bias, 1.0, full_out)
+    noise = weight.noise(x, full_out)
+    if full_out:
+        cov = _accumulate(cov, noise)
+    else:
+        elementwise = _accumulate(elementwise, noise)
+    elementwise, cov = _input_terms(x, weight.mean.mT, elementwise, cov, full_out)
     return _finish(mean, elementwise, cov, full_out)
 
 
@@ -91,6 +120,8 @@ def _transposed(w):
 def linear(ctx: RuleContext, x, weight, bias=None) -> Moment:
     """``x W^T + b`` (torch layout: W is (out, in))."""
     mean = aten.linear.default(mean_of(x), mean_of(weight), mean_of(bias))
+    if isinstance(weight, (KronWeight, DenseWeight)):
+        return structured_linear(ctx, mean, x, weight, bias)
     return product_moment(ctx, mean, x, _transposed(weight), bias)
 
 

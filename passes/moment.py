@@ -15,7 +15,7 @@ with the same root are recognised by the identity of their ``var`` tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -63,7 +63,7 @@ class Moment:
 
     def with_tangent(self, mean: Tensor, tangent: Tangent) -> "Moment":
         """A new value of the same root: ``mean`` with Jacobian ``tangent`` relative to ``self.var``."""
-        return replace(self, mean=mean, tangent=tangent)
+        return Moment(mean, self.var, self.full, tangent)
 
     def _var_has_mean_shape(self) -> bool:
         expected = (*self.mean.shape, self.feature_size) if self.full else tuple(self.mean.shape)

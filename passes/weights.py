@@ -1,0 +1,91 @@
+"""Weight posteriors with correlations: Kronecker-factored and dense blocks.
+
+Each is a diagonal :class:`Moment` (its ``var`` holds the exact marginal variances, so any rule that does not
+know the structure still gets the right diagonal) plus the structure the linear rule uses to propagate the
+correlations.  For ``h = W a`` with ``a`` independent of ``W`` the weight noise adds, per sample,
+
+    E_a[Cov(W a | a)]   (full over the outputs; its diagonal in diag mode),
+
+and the input noise adds ``M Cov(a) M^T`` as for a deterministic weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .moment import Moment
+
+
+def second_moment_input(a: object) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The mean of ``a`` and its (co)variance as (mean, elementwise var or None, covariance or None)."""
+    if not isinstance(a, Moment):
+        return a, None, None
+    a = a.materialised()
+    return (a.mean, None, a.var) if a.full else (a.mean, a.var, None)
+
+
+@dataclass(frozen=True, eq=False)
+class KronWeight(Moment):
+    """``W`` (out, in) with ``Cov vec(W) = (Q_out ⊗ Q_in) diag(vec D) (Q_out ⊗ Q_in)^T`` (row-major vec).
+
+    laplace-torch's Kronecker-factored posterior: ``D = 1 / (l_out l_in^T + delta)`` (undamped) or
+    ``1 / ((l_out + sqrt(delta)) (l_in + sqrt(delta))^T)`` (damped).  For an input ``a``:
+    ``E_a[Cov(W a | a)] = Q_out diag(D E[(Q_in^T a)^2]) Q_out^T`` with
+    ``E[(Q_in^T a)^2] = (Q_in^T m)^2 + diag(Q_in^T Sigma_a Q_in)``: only matrix products.
+    """
+
+    q_out: Tensor = field(kw_only=True)
+    q_in: Tensor = field(kw_only=True)
+    d: Tensor = field(kw_only=True)
+
+    @staticmethod
+    def marginal_variance(q_out: Tensor, q_in: Tensor, d: Tensor) -> Tensor:
+        return (q_out * q_out) @ d @ (q_in * q_in).T
+
+    def noise(self, a: object, full_out: bool) -> Tensor:
+        mean, var, cov = second_moment_input(a)
+        projected = mean @ self.q_in
+        z2 = projected * projected
+        if var is not None:
+            z2 = z2 + var @ (self.q_in * self.q_in)
+        if cov is not None:
+            z2 = z2 + ((cov @ self.q_in) * self.q_in).sum(-2)
+        g = z2 @ self.d.T
+        if full_out:
+            return (self.q_out * g.unsqueeze(-2)) @ self.q_out.T
+        return g @ (self.q_out * self.q_out).T
+
+
+@dataclass(frozen=True, eq=False)
+class DenseWeight(Moment):
+    """``W`` (out, in) with a dense covariance ``C`` of shape (out, n, out, n) over ``W~ = [W | b]``
+    (``n = in + 1`` when the bias is part of the block, else ``n = in``), a block of a full posterior.
+    ``E_a[Cov(W~ a~ | a)]_kl = sum_ij E[a~_i a~_j] C[k, i, l, j]`` with ``a~ = [a, 1]``."""
+
+    block: Tensor = field(kw_only=True)
+    with_bias: bool = field(kw_only=True)
+
+    def noise(self, a: object, full_out: bool) -> Tensor:
+        mean, var, cov = second_moment_input(a)
+        if self.with_bias:
+            ones = torch.ones_like(mean[..., :1])
+            mean = torch.cat([mean, ones], dim=-1)
+            var = None if var is None else torch.cat([var, torch.zeros_like(ones)], dim=-1)
+            cov = None if cov is None else torch.nn.functional.pad(cov, (0, 1, 0, 1))
+        second = mean.unsqueeze(-1) * mean.unsqueeze(-2)
+        if var is not None:
+            second = second + torch.diag_embed(var)
+        if cov is not None:
+            second = second + cov
+        n = second.shape[-1]
+        out = self.block.shape[0]
+        flat = second.reshape(*second.shape[:-2], n * n)
+        if full_out:
+            # C[k, i, l, j] -> (i, j, k, l): one product with the flattened second moment
+            block = self.block.permute(1, 3, 0, 2).reshape(n * n, out * out)
+            return (flat @ block).reshape(*second.shape[:-2], out, out)
+        block = torch.diagonal(self.block, dim1=0, dim2=2).reshape(n * n, out)  # [i, j, k] = C[k, i, k, j]
+        return flat @ block
