@@ -21,6 +21,7 @@ from ._version import __version__
 from .capture import capture, normalise_example_inputs
 from .emit import quiet_torch
 from .errors import CaptureError, InputError, MomentpropError, PosteriorError, UnsupportedOpError
+from .laplace import is_laplace, likelihood_of
 from .meanfield import deterministic_meanfield
 from .posterior import read_posterior
 from .rewrite import HeadConfig, MomentInterpreter, rewrite
@@ -61,6 +62,11 @@ def compile(
         output_covariance: in diag mode, return the full covariance of the final layer's output.
         variance_scale: multiplies the output (co)variance (the paper's scale factor).
     """
+    if is_laplace(posterior):  # laplace-torch knows its likelihood and observation noise
+        laplace_likelihood, laplace_sigma = likelihood_of(posterior)
+        likelihood = likelihood or laplace_likelihood
+        if likelihood == "regression" and sigma_noise is None:
+            sigma_noise = laplace_sigma
     if covariance not in _COVARIANCES:
         raise InputError(f"covariance must be one of {_COVARIANCES}, got {covariance!r}")
     if likelihood not in _LIKELIHOODS:

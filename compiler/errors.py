@@ -19,3 +19,7 @@ class CaptureError(MomentpropError, RuntimeError):
 
 class UnsupportedOpError(MomentpropError, NotImplementedError):
     """An op reached by random values has no moment rule."""
+
+
+class PersistenceError(MomentpropError, ValueError):
+    """A file is not a momentprop file (or not of the expected kind), is truncated or corrupt, or cannot be written."""

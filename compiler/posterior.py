@@ -1,13 +1,16 @@
 """Step 2: read the posterior and attach it to the model's parameters.
 
-Accepted forms (all diagonal Gaussians centred on the model's current parameters):
+Accepted forms (Gaussians centred on the model's current parameters):
 
 * ``{parameter name: variance tensor of the parameter's shape}`` (names as in ``model.named_parameters()``,
-  tied aliases accepted);
+  tied aliases accepted), where an entry may also be a structured block (``Kron``, ``Dense``,
+  ``FullCovariance`` below);
 * a flat vector over the parameters that require grad, in ``model.parameters()`` order, each tensor
   row-major (laplace-torch's ``posterior_variance`` convention);
 * a float: that variance for every parameter that requires grad;
-* an ``ivon.IVON`` optimizer: variance ``1 / (ess * (hess + weight_decay))`` per parameter.
+* an ``ivon.IVON`` optimizer: variance ``1 / (ess * (hess + weight_decay))`` per parameter;
+* a fitted laplace-torch object (``laplace.py``): diag, Kronecker-factored or full, any subset of weights;
+* None, for a model of mean-field layers (``meanfield.py``).
 
 Parameters without a variance are deterministic.  The user's tensors are copied, never modified.
 """
@@ -90,6 +93,9 @@ def _from_mapping(model: nn.Module, posterior: Mapping) -> Posterior:
                 f"use names from model.named_parameters() (similar: {close or list(params)[:5]})"
             )
         name = names[key]
+        if isinstance(variance, (Kron, Dense, FullCovariance)):
+            result[name] = _check_structure(key, variance, params[name])
+            continue
         variance = torch.as_tensor(variance).detach()
         if variance.shape != params[name].shape:
             raise PosteriorError(
@@ -98,6 +104,29 @@ def _from_mapping(model: nn.Module, posterior: Mapping) -> Posterior:
             )
         result[name] = variance
     return result
+
+
+def _check_structure(key: str, spec: ParameterPosterior, param: torch.Tensor) -> ParameterPosterior:
+    """Check the shapes of a structured parameter posterior against its parameter."""
+    if isinstance(spec, Kron):
+        out, n_in = param.shape if param.dim() == 2 else (None, None)
+        expected = {"q_out": (out, out), "q_in": (n_in, n_in), "d": (out, n_in)}
+    elif isinstance(spec, Dense):
+        out, n_in = param.shape if param.dim() == 2 else (None, None)
+        n = n_in + 1 if spec.with_bias and n_in is not None else n_in
+        expected = {"block": (out, n, out, n)}
+    else:
+        expected = {"cov": (param.numel(), param.numel()) if param.dim() == 1 else None}
+    for field, shape in expected.items():
+        tensor = getattr(spec, field)
+        if tuple(tensor.shape) != shape:
+            raise PosteriorError(
+                f"the {type(spec).__name__} posterior of '{key}' has {field} of shape {tuple(tensor.shape)}; a "
+                f"parameter of shape {tuple(param.shape)} needs {shape}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise PosteriorError(f"the {type(spec).__name__} posterior of '{key}' has NaN or infinite entries")
+    return spec
 
 
 def _from_flat(model: nn.Module, flat: torch.Tensor) -> Posterior:
@@ -140,7 +169,9 @@ def _is_ivon(posterior: object) -> bool:
 
 
 def read_posterior(model: nn.Module, posterior: object) -> Posterior:
-    """Normalise any accepted posterior form to ``{canonical parameter name: variance}`` (float copies)."""
+    """Normalise any accepted posterior form to ``{canonical parameter name: variance or structure}``."""
+    from .laplace import is_laplace, read_laplace  # laplace.py builds on the structures defined here
+
     if posterior is None:
         result = meanfield_posterior(model)
         if not result:
@@ -159,11 +190,17 @@ def read_posterior(model: nn.Module, posterior: object) -> Posterior:
         result = _from_flat(model, posterior.detach())
     elif _is_ivon(posterior):
         result = _from_ivon(model, posterior)
+    elif is_laplace(posterior):
+        result = read_laplace(model, posterior)
     else:
         raise PosteriorError(
             f"cannot read a posterior from {type(posterior).__name__}; pass a dict {{parameter name: variance}}, "
             "a flat variance vector in model.parameters() order, a float, or an ivon.IVON optimizer"
         )
     for name, variance in result.items():
-        _check_variance(name, variance)
-    return {n: v.detach().to(torch.float32 if not v.is_floating_point() else v.dtype).clone() for n, v in result.items()}
+        if isinstance(variance, torch.Tensor):
+            _check_variance(name, variance)
+    return {
+        n: v.detach().to(torch.float32 if not v.is_floating_point() else v.dtype).clone() if isinstance(v, torch.Tensor) else v
+        for n, v in result.items()
+    }

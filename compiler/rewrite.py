@@ -9,6 +9,7 @@ no variance never appear in it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -20,11 +21,12 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from momentprop.passes import Moment, RuleContext, heads, lookup
+from momentprop.passes.weights import DenseWeight, KronWeight
 from momentprop.passes.registry import Covariance
 
 from .capture import batch_dynamic_shapes, with_batch_of_two
 from .errors import CaptureError, UnsupportedOpError
-from .posterior import Posterior, canonical_names
+from .posterior import Dense, Kron, ParameterPosterior, Posterior, canonical_names
 
 LINEAR_FAMILY = {
     torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
@@ -100,6 +102,7 @@ class MomentInterpreter(nn.Module):
         self.head = head
         self.bindings: list[tuple] = []
         self.random_parameters: list[str] = []
+        self.posterior_kinds: dict[str, object] = {}
         aliases = canonical_names(model)
         state = program.state_dict
         for spec in program.graph_signature.input_specs:
@@ -113,11 +116,10 @@ class MomentInterpreter(nn.Module):
                 if name not in posterior:
                     self.bindings.append(("tensor", mean_key))
                     continue
-                var_key = _buffer_name("var", name)
-                if not hasattr(self, var_key):
-                    self.register_buffer(var_key, posterior[name].to(state[spec.target].dtype).clone())
+                if name not in self.random_parameters:
                     self.random_parameters.append(name)
-                self.bindings.append(("moment", mean_key, var_key))
+                    self._register_posterior(name, posterior[name], state[spec.target].dtype)
+                self.bindings.append(("moment", mean_key, name))
             elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 key = _buffer_name("const", spec.target)
                 value = state[spec.target] if spec.kind == InputKind.BUFFER else program.constants[spec.target]
@@ -134,13 +136,38 @@ class MomentInterpreter(nn.Module):
         if head.likelihood == "regression":
             self.register_buffer("noise_variance", torch.tensor(float(sigma_noise or 0.0) ** 2))
 
+    def _register_posterior(self, name: str, spec: ParameterPosterior, dtype: torch.dtype) -> None:
+        """Store the posterior of parameter ``name`` as buffers: a variance, or the tensors of a structure."""
+        tensors = {"var": spec} if isinstance(spec, torch.Tensor) else {
+            f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if isinstance(getattr(spec, f.name), torch.Tensor)
+        }
+        for field_name, tensor in tensors.items():
+            self.register_buffer(_buffer_name(field_name, name), tensor.to(dtype).clone())
+        self.posterior_kinds[name] = spec if not isinstance(spec, torch.Tensor) else None
+
+    def _random_parameter(self, mean: torch.Tensor, name: str) -> Moment:
+        """The moment of a random parameter: diagonal, or structured (its marginal variances as ``var``)."""
+        spec = self.posterior_kinds[name]
+        field = lambda f: getattr(self, _buffer_name(f, name))  # noqa: E731
+        if spec is None:
+            return Moment(mean, field("var"), False)
+        if isinstance(spec, Kron):
+            q_out, q_in, d = field("q_out"), field("q_in"), field("d")
+            return KronWeight(mean, KronWeight.marginal_variance(q_out, q_in, d), q_out=q_out, q_in=q_in, d=d)
+        if isinstance(spec, Dense):
+            block = field("block")
+            n_in = mean.shape[1]
+            marginal = torch.diagonal(torch.diagonal(block, dim1=0, dim2=2), dim1=0, dim2=1)[:, :n_in]  # C[k,i,k,i]
+            return DenseWeight(mean, marginal.contiguous(), block=block, with_bias=spec.with_bias)
+        return Moment(mean, field("cov"), True)
+
     def _bind(self, binding: tuple, user_inputs, moments: dict) -> object:
         if binding[0] == "input":
             return next(user_inputs)
         if binding[0] == "tensor":
             return getattr(self, binding[1])
         if binding not in moments:  # one Moment per parameter, so tied uses share one root
-            moments[binding] = Moment(getattr(self, binding[1]), getattr(self, binding[2]), False)
+            moments[binding] = self._random_parameter(getattr(self, binding[1]), binding[2])
         return moments[binding]
 
     def _run_node(self, node: torch.fx.Node, env: dict) -> object:
