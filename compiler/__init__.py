@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from momentprop.passes.heads import LINKS
+
 from .capture import capture, normalise_example_inputs
 from .emit import quiet_torch
-from .errors import CaptureError, InputError, MomentpropError, PosteriorError, UnsupportedOpError
+from .errors import CalibrationError, CaptureError, InputError, MomentpropError, PosteriorError, UnsupportedOpError
 from .laplace import is_laplace, likelihood_of
 from .meanfield import deterministic_meanfield
 from .posterior import read_posterior
@@ -28,7 +30,7 @@ from .rewrite import HeadConfig, MomentInterpreter, rewrite
 from .runtime import CompiledInfo, CompiledModel, OnnxRunner
 
 __all__ = [
-    "CaptureError", "CompiledModel", "InputError", "MomentpropError", "OnnxRunner", "PosteriorError",
+    "CalibrationError", "CaptureError", "CompiledModel", "InputError", "MomentpropError", "OnnxRunner", "PosteriorError",
     "UnsupportedOpError", "__version__", "compile",
 ]
 
@@ -46,6 +48,8 @@ def compile(
     sigma_noise: float | None = None,
     output_covariance: bool = False,
     variance_scale: float = 1.0,
+    link: str = "probit",
+    input_variance: bool = False,
 ) -> CompiledModel:
     """Compile ``model`` with a Gaussian weight ``posterior`` into a moment graph for the moments of the
     model's first output tensor.
@@ -60,7 +64,10 @@ def compile(
         likelihood: ``"classification"`` (probit head), ``"regression"`` (observation noise) or None.
         sigma_noise: regression observation noise standard deviation.
         output_covariance: in diag mode, return the full covariance of the final layer's output.
-        variance_scale: multiplies the output (co)variance (the paper's scale factor).
+        variance_scale: multiplies the output (co)variance (the paper's scale factor; ``cm.calibrate`` fits it).
+        link: classification head: ``"probit"``, or laplace-torch's Laplace bridge ``"bridge"`` / ``"bridge_norm"``.
+        input_variance: add one elementwise variance input per model input (named ``input_variance``, or
+            ``<input name>_variance`` for several inputs), to push a Gaussian over the inputs through the network.
     """
     if is_laplace(posterior):  # laplace-torch knows its likelihood and observation noise
         laplace_likelihood, laplace_sigma = likelihood_of(posterior)
@@ -75,22 +82,33 @@ def compile(
         raise InputError("sigma_noise must be a non-negative number and needs likelihood='regression'")
     if not (variance_scale > 0 and variance_scale != float("inf")):
         raise InputError(f"variance_scale must be a positive finite number, got {variance_scale!r}")
+    if link not in LINKS or (link != "probit" and likelihood != "classification"):
+        raise InputError(f"link must be one of {LINKS} and only applies to likelihood='classification', got {link!r}")
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalise_example_inputs(example_inputs)
+    if input_variance and not all(x.is_floating_point() for x in inputs):
+        raise InputError("input_variance=True needs floating-point inputs (integer inputs such as token ids carry no variance)")
     variances = read_posterior(model, posterior)
     with quiet_torch():
         with deterministic_meanfield(model):
             program = capture(model, inputs)
-        head = HeadConfig(covariance, likelihood, output_covariance and covariance == "diag")
+        head = HeadConfig(covariance, likelihood, output_covariance and covariance == "diag", link, input_variance)
         interpreter = MomentInterpreter(program, model, variances, head, sigma_noise, variance_scale)
+        if input_variance:
+            inputs = inputs + tuple(torch.zeros_like(x) for x in inputs)
         moment_program = rewrite(interpreter, inputs)
+    names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    if input_variance:
+        names += ["input_variance"] if len(names) == 1 else [f"{name}_variance" for name in names]
     info = CompiledInfo(
         covariance=covariance,
         likelihood=likelihood,
         output_covariance=head.output_covariance,
         sigma_noise=sigma_noise,
         random_parameters=interpreter.random_parameters,
-        input_names=[s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"],
+        input_names=names,
+        link=link,
+        input_variance=input_variance,
     )
     return CompiledModel(moment_program, info, inputs)

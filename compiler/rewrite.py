@@ -39,6 +39,8 @@ class HeadConfig:
     covariance: Covariance
     likelihood: str | None
     output_covariance: bool
+    link: str = "probit"
+    input_variance: bool = False
 
 
 def _buffer_name(prefix: str, name: str) -> str:
@@ -188,7 +190,11 @@ class MomentInterpreter(nn.Module):
         return rule.fn(RuleContext(covariance), *args, **kwargs)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``inputs``: the model's inputs, followed by one elementwise variance per input under input_variance."""
         env: dict[torch.fx.Node, object] = {}
+        if self.head.input_variance:
+            half = len(inputs) // 2
+            inputs = tuple(Moment(x, v, False) for x, v in zip(inputs[:half], inputs[half:]))
         user_inputs = iter(inputs)
         placeholders = iter(self.bindings)
         moments: dict[tuple, Moment] = {}
@@ -211,7 +217,7 @@ class MomentInterpreter(nn.Module):
             var = out.new_zeros(*out.shape, out.shape[-1]) if full else torch.zeros_like(out)
         var = var * self.variance_scale
         if self.head.likelihood == "classification":
-            return mean, var, heads.probit(mean, heads.diagonal(var, full))
+            return mean, var, heads.class_probabilities(mean, var, full, self.head.link)
         if self.head.likelihood == "regression":
             return mean, var, heads.add_observation_noise(var, self.noise_variance, full)
         return mean, var

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,9 @@ from torch.export import ExportedProgram
 
 from ._version import __version__
 from .emit import emit_onnx, output_names
-from .errors import InputError
+from momentprop.passes import heads
+
+from .errors import CalibrationError, InputError
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class CompiledInfo:
     sigma_noise: float | None
     random_parameters: list[str]
     input_names: list[str]
+    link: str = "probit"
+    input_variance: bool = False
 
     @property
     def returns_covariance(self) -> bool:
@@ -90,6 +95,71 @@ class CompiledModel:
             return outputs[2]
         return outputs[0], outputs[2]
 
+    def calibrate(self, data, *, bounds: tuple[float, float] = (1e-4, 1e4)) -> float:
+        """Fit ``variance_scale`` by minimising the NLPD of this model's own predictive on held-out ``data``.
+
+        ``data``: a DataLoader (or any iterable) of ``(*inputs, labels)`` batches, or one ``(X, y)`` pair.
+        Latent moments are computed once; the scale is then searched on a log grid over ``bounds`` and refined
+        by golden section.  The current scale is kept unless another one has a lower NLPD on ``data``.
+        Returns the fitted scale, which also goes into the ONNX file.
+        """
+        if self.likelihood is None:
+            raise InputError("calibrate needs a likelihood: compile with likelihood='classification' or 'regression'")
+        means, variances, labels = self._latent_moments(data)
+        current = self.variance_scale
+
+        def nlpd(log_scale: float) -> float:
+            return self._nlpd(means, variances * math.exp(log_scale), labels)
+
+        grid = np.linspace(math.log(bounds[0]), math.log(bounds[1]), 81)
+        values = [nlpd(g) for g in grid]
+        best = int(np.nanargmin(values)) if not np.isnan(values).all() else 0
+        low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+        golden = (math.sqrt(5) - 1) / 2
+        for _ in range(40):
+            a, b = high - golden * (high - low), low + golden * (high - low)
+            low, high = (low, b) if nlpd(a) < nlpd(b) else (a, high)
+        fitted = (low + high) / 2
+        candidates = [(nlpd(fitted), fitted), (nlpd(math.log(current)), math.log(current))]
+        value, log_scale = min(candidates, key=lambda c: c[0] if math.isfinite(c[0]) else math.inf)
+        if not (math.isfinite(value) and math.isfinite(log_scale)):
+            raise CalibrationError(
+                "the fitted variance scale is not finite (the NLPD is NaN or infinite for every scale tried); check "
+                "that the labels match the model's outputs and that the data holds no NaN"
+            )
+        self.program.state_dict["variance_scale"].fill_(math.exp(log_scale))
+        return self.variance_scale
+
+    def _latent_moments(self, data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, (co)variance at variance_scale 1, and labels over all of ``data``."""
+        batches = [data] if isinstance(data, (tuple, list)) and len(data) == len(self.example_inputs) + 1 else data
+        means, variances, labels = [], [], []
+        for batch in batches:
+            *inputs, y = batch
+            mean, var = self(*inputs)
+            means.append(mean)
+            variances.append(var / self.variance_scale)
+            labels.append(torch.as_tensor(y))
+        if not means:
+            raise InputError("calibrate got no data: pass a DataLoader of (inputs, labels) batches or an (X, y) pair")
+        return torch.cat(means), torch.cat(variances), torch.cat(labels)
+
+    def _nlpd(self, mean: torch.Tensor, var: torch.Tensor, labels: torch.Tensor) -> float:
+        """Mean negative log predictive density of ``labels`` under this model's predictive."""
+        full = self.returns_covariance
+        if self.likelihood == "classification":
+            probs = heads.class_probabilities(mean, var, full, self.info.link)
+            picked = probs.gather(-1, labels.long().reshape(-1, 1)).squeeze(-1)
+            return float(-torch.log(picked.clamp_min(1e-12)).mean())
+        target = labels.reshape(mean.shape).to(mean.dtype)
+        noise = torch.tensor((self.sigma_noise or 0.0) ** 2, dtype=mean.dtype)
+        predictive = heads.add_observation_noise(var, noise, full)
+        if full:
+            log_density = torch.distributions.MultivariateNormal(mean, predictive).log_prob(target)
+            return float(-log_density.mean())
+        log_density = -0.5 * (torch.log(2 * math.pi * predictive) + (target - mean) ** 2 / predictive)
+        return float(-log_density.sum(-1).mean())
+
     def model_card(self) -> dict[str, object]:
         return {
             "method": "moment propagation: local linearisation of activations, Gaussian moment matching of "
@@ -98,6 +168,8 @@ class CompiledModel:
             "covariance": self.covariance,
             "output_covariance": self.info.output_covariance,
             "likelihood": self.likelihood or "none",
+            "link": self.info.link,
+            "input_variance": self.info.input_variance,
             "sigma_noise": self.sigma_noise,
             "variance_scale": self.variance_scale,
             "random_parameters": self.random_parameters,

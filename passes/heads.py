@@ -1,6 +1,7 @@
 """Predictive heads applied to the output moments.
 
-* classification, probit approximation: ``p = softmax(mu / sqrt(1 + pi/8 * sigma^2))`` over the last dim;
+* classification, probit approximation: ``p = softmax(mu / sqrt(1 + pi/8 * sigma^2))`` over the last dim,
+  or the Laplace bridge (``laplace_bridge``);
 * regression: ``N(mu, sigma^2 + sigma_noise^2)`` (full: ``Sigma + sigma_noise^2 I``).
 
 The variance scale (the paper's scale factor) multiplies the output (co)variance before any head.
@@ -29,3 +30,34 @@ def add_observation_noise(variance_or_cov: Tensor, noise_variance: Tensor, full:
         return variance_or_cov + noise_variance
     eye = torch.eye(variance_or_cov.shape[-1], dtype=variance_or_cov.dtype, device=variance_or_cov.device)
     return variance_or_cov + noise_variance * eye
+
+
+def laplace_bridge(mean: Tensor, cov: Tensor, normalise: bool = False) -> Tensor:
+    """Class probabilities by the Laplace bridge (a Dirichlet matched to the softmax-Gaussian), computed as
+    laplace-torch's ``link_approx="bridge"`` / ``"bridge_norm"`` does: first the zero-mean correction of the
+    logit Gaussian (``cov`` over the classes), then ``alpha_k = (1 - 2/K + e^{mu_k} / K^2 sum_l e^{-mu_l}) /
+    Sigma_kk`` and ``p = alpha / sum(alpha)``; ``normalise`` rescales the variances to mean sqrt(K/2) first."""
+    total = cov.sum(dim=(-2, -1)).unsqueeze(-1)
+    row = cov.sum(-1)
+    mean = mean - row * mean.sum(-1, keepdim=True) / total
+    cov = cov - row.unsqueeze(-1) * cov.sum(-2).unsqueeze(-2) / total.unsqueeze(-1)
+    variance = torch.diagonal(cov, dim1=-2, dim2=-1)
+    classes = mean.shape[-1]
+    if normalise:
+        scale = variance.mean(-1, keepdim=True) / math.sqrt(classes / 2)
+        mean = mean / scale.sqrt()
+        variance = variance / scale
+    sum_exp = torch.exp(-mean).sum(-1, keepdim=True)
+    alpha = (1.0 - 2.0 / classes + torch.exp(mean) / classes**2 * sum_exp) / variance
+    return torch.nan_to_num(alpha / alpha.sum(-1, keepdim=True), nan=1.0)
+
+
+LINKS = ("probit", "bridge", "bridge_norm")
+
+
+def class_probabilities(mean: Tensor, variance_or_cov: Tensor, full: bool, link: str = "probit") -> Tensor:
+    """The classification head: probit on the variances, or the Laplace bridge on the covariance."""
+    if link == "probit":
+        return probit(mean, diagonal(variance_or_cov, full))
+    cov = variance_or_cov if full else torch.diag_embed(variance_or_cov)
+    return laplace_bridge(mean, cov, normalise=link == "bridge_norm")

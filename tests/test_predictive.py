@@ -1,0 +1,172 @@
+"""The predictive beyond the latent moments: calibration of the variance scale, the Laplace-bridge links and
+input uncertainty."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import momentprop as mp
+from conftest import make_mlp, random_posterior
+
+
+def _classification_data(model, n, seed, temperature=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    with torch.no_grad():
+        probs = torch.softmax(model(x) / temperature, -1)
+    return x, torch.multinomial(probs, 1, generator=g).squeeze(-1)
+
+
+def _heldout_nlpd(cm, x, y):
+    probs = cm.predict(x)
+    return float(-torch.log(probs[torch.arange(len(y)), y]).mean())
+
+
+def test_calibration_shrinks_an_overdispersed_classification_posterior(tmp_path):
+    model = make_mlp([6, 32, 4], nn.Tanh, seed=0)
+    with torch.no_grad():
+        model[-1].weight.mul_(4.0)
+    x_fit, y_fit = _classification_data(model, 400, seed=1)
+    x_test, y_test = _classification_data(model, 400, seed=2)
+    cm = mp.compile(model, random_posterior(model, 0.5), (x_fit[:4],), likelihood="classification")
+    before_fit, before_test = _heldout_nlpd(cm, x_fit, y_fit), _heldout_nlpd(cm, x_test, y_test)
+    scale = cm.calibrate(DataLoader(TensorDataset(x_fit, y_fit), batch_size=64))
+    assert scale < 0.5 and cm.variance_scale == pytest.approx(scale)
+    assert _heldout_nlpd(cm, x_fit, y_fit) <= before_fit
+    assert _heldout_nlpd(cm, x_test, y_test) < before_test
+    out = mp.OnnxRunner(cm.to_onnx(tmp_path / "calibrated.onnx"))(x_test)
+    np.testing.assert_allclose(out["probs"], cm.predict(x_test).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_calibration_widens_an_underdispersed_regression_posterior():
+    model = make_mlp([6, 16, 1], nn.Tanh, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(600, 6, generator=g)
+    with torch.no_grad():
+        y = model(x) + 0.5 * torch.randn(600, 1, generator=g)
+    cm = mp.compile(model, random_posterior(model, 1e-4), (x[:4],), likelihood="regression", sigma_noise=0.05)
+
+    def nlpd(xs, ys):
+        mean, var = cm.predict(xs)
+        return float((0.5 * torch.log(2 * math.pi * var) + (ys - mean) ** 2 / (2 * var)).mean())
+
+    before = nlpd(x[300:], y[300:])
+    scale = cm.calibrate((x[:300], y[:300].squeeze(-1)))  # labels of shape (B,) for outputs of shape (B, 1)
+    assert scale > 10
+    assert nlpd(x[300:], y[300:]) < before
+
+
+def test_calibration_accepts_labels_of_shape_b_and_b1():
+    model = make_mlp([6, 16, 3], nn.Tanh, seed=5)
+    x, y = _classification_data(model, 200, seed=6)
+    scales = []
+    for labels in (y, y.unsqueeze(-1)):
+        cm = mp.compile(model, random_posterior(model, 0.3), (x[:4],), likelihood="classification")
+        scales.append(cm.calibrate((x, labels)))
+    assert scales[0] == pytest.approx(scales[1])
+
+
+def test_calibration_never_worse_on_its_own_data():
+    """A posterior that is already right: the fitted scale may stay, but the NLPD must not rise."""
+    model = make_mlp([6, 16, 3], nn.Tanh, seed=7)
+    x, y = _classification_data(model, 300, seed=8)
+    cm = mp.compile(model, random_posterior(model, 1e-3), (x[:4],), likelihood="classification")
+    before = _heldout_nlpd(cm, x, y)
+    cm.calibrate((x, y))
+    assert _heldout_nlpd(cm, x, y) <= before + 1e-7
+
+
+def test_calibration_with_nan_labels_is_a_clear_error():
+    model = make_mlp([6, 8, 1], seed=9)
+    cm = mp.compile(model, 1e-3, (torch.randn(4, 6),), likelihood="regression", sigma_noise=0.1)
+    with pytest.raises(mp.CalibrationError, match="not finite"):
+        cm.calibrate((torch.randn(20, 6), torch.full((20,), math.nan)))
+
+
+def _bridge_reference(mean, cov, normalise):
+    """The Laplace bridge written out per sample (Hobbhahn et al.; laplace-torch's zero-mean correction)."""
+    out = []
+    for mu, sigma in zip(mean.double(), cov.double()):
+        ones = torch.ones(len(mu), dtype=torch.float64)
+        mu = mu - sigma @ ones * (ones @ mu) / (ones @ sigma @ ones)
+        sigma = sigma - torch.outer(sigma @ ones, ones @ sigma) / (ones @ sigma @ ones)
+        var, k = torch.diagonal(sigma), len(mu)
+        if normalise:
+            c = var.mean() / math.sqrt(k / 2)
+            mu, var = mu / math.sqrt(c), var / c
+        alpha = (1 - 2 / k + torch.exp(mu) / k**2 * torch.exp(-mu).sum()) / var
+        out.append(alpha / alpha.sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("link", ["bridge", "bridge_norm"])
+def test_bridge_links(link):
+    model = make_mlp([6, 16, 4], nn.Tanh, seed=10)
+    x = torch.randn(5, 6)
+    cm = mp.compile(model, random_posterior(model, 1e-2), (x,), likelihood="classification", link=link, covariance="full")
+    mean, cov = cm(x)
+    torch.testing.assert_close(cm.predict(x).double(), _bridge_reference(mean, cov, link == "bridge_norm"), rtol=1e-4, atol=1e-6)
+
+
+def test_bridge_matches_laplace_torch():
+    laplace = pytest.importorskip("laplace")
+    model = make_mlp([6, 16, 4], nn.Tanh, seed=11)
+    x, y = _classification_data(model, 64, seed=12)
+    la = laplace.Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="full")
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=32))
+    for link in ("probit", "bridge", "bridge_norm"):
+        cm = mp.compile(model, la, (x[:5],), link=link, output_covariance=True)
+        torch.testing.assert_close(cm.predict(x[:5]), la(x[:5], pred_type="glm", link_approx=link).float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_input_variance_is_the_linearised_input_uncertainty(tmp_path, covariance):
+    """With deterministic weights, full mode: Cov(out) = J diag(v) J^T, J the input Jacobian (from autograd,
+    independently); diag mode: the paper's diagonal recursion v -> v W1^2 -> tanh'^2 -> W2^2.  With random weights
+    too the output variances grow (weights and inputs independent)."""
+    model = make_mlp([6, 16, 3], nn.Tanh, seed=13)
+    x, v = torch.randn(5, 6), 1e-2 * torch.rand(5, 6)
+    cm = mp.compile(model, {}, (x,), covariance=covariance, input_variance=True)
+    assert cm.input_names == ["input", "input_variance"]
+    mean, var = cm(x, v)
+    if covariance == "full":
+        jac = torch.func.vmap(torch.func.jacrev(model))(x)
+        expected = jac @ torch.diag_embed(v) @ jac.mT
+    else:
+        w1, w2 = model[0].weight, model[2].weight
+        expected = ((v @ (w1**2).T) * (1 - torch.tanh(model[0](x)) ** 2) ** 2) @ (w2**2).T
+    torch.testing.assert_close(var, expected.detach(), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(mean, model(x).detach())
+    out = mp.OnnxRunner(cm.to_onnx(tmp_path / "inputs.onnx"))(torch.randn(9, 6), torch.zeros(9, 6))
+    assert np.abs(out["covariance" if covariance == "full" else "variance"]).max() == 0.0
+
+    post = random_posterior(model, 1e-3)
+    with_weights = mp.compile(model, post, (x,), covariance=covariance, input_variance=True)(x, v)[1]
+    weights_only = mp.compile(model, post, (x,), covariance=covariance)(x)[1]
+    grown = torch.diagonal(with_weights, dim1=-2, dim2=-1) if covariance == "full" else with_weights
+    alone = torch.diagonal(weights_only, dim1=-2, dim2=-1) if covariance == "full" else weights_only
+    assert (grown > alone).all()
+
+
+def test_input_variance_needs_floating_inputs():
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(10, 4)
+
+        def forward(self, ids):
+            return self.table(ids)
+
+    with pytest.raises(mp.InputError, match="floating-point"):
+        mp.compile(Embed(), 1e-3, (torch.randint(0, 10, (3, 2)),), input_variance=True)
+
+
+def test_link_needs_classification():
+    with pytest.raises(mp.InputError, match="link"):
+        mp.compile(make_mlp([6, 4]), 1e-3, (torch.randn(2, 6),), likelihood="regression", link="bridge")
