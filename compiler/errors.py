@@ -23,3 +23,7 @@ class UnsupportedOpError(MomentpropError, NotImplementedError):
 
 class PersistenceError(MomentpropError, ValueError):
     """A file is not a momentprop file (or not of the expected kind), is truncated or corrupt, or cannot be written."""
+
+
+class CalibrationError(MomentpropError, ValueError):
+    """The variance scale could not be fitted (non-finite NLPD for every scale)."""
