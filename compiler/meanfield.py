@@ -59,16 +59,22 @@ def _mean_field_pairs(layer: nn.Module) -> list[tuple[str, str]]:
     return [(n, "rho_" + n[3:]) for n in own if n.startswith("mu_") and "rho_" + n[3:] in own]
 
 
+def _library_class(cls: type) -> type | None:
+    """The first bayesian-torch class in ``cls``'s MRO (``cls`` itself, or the layer a user class derives from)."""
+    return next((c for c in cls.__mro__ if c.__module__.startswith(_LIBRARY + ".")), None)
+
+
 def _meanfield_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, layer)`` for every bayesian-torch layer holding a posterior; raises on ones without a mean path."""
+    """``(name, layer)`` for every bayesian-torch layer holding a posterior; raises on ones without a mean path
+    (other bayesian-torch layers, or a subclass that overrides forward), which would sample during capture."""
     layers = []
     for name, module in model.named_modules():
-        cls = type(module)
-        if not cls.__module__.startswith(_LIBRARY + ".") or not _mean_field_pairs(module):
+        cls, base = type(module), _library_class(type(module))
+        if base is None or not _mean_field_pairs(module):
             continue
-        if cls.__name__ not in MEAN_OUTPUT:
+        if base.__name__ not in MEAN_OUTPUT or cls.forward is not base.forward:
             raise UnsupportedOpError(
-                f"mean-field layer '{name or '<root>'}' ({cls.__module__}.{cls.__name__}) is not supported; "
+                f"mean-field layer '{name or '<root>'}' ({cls.__module__}.{cls.__qualname__}) is not supported; "
                 f"momentprop knows the bayesian-torch layers {', '.join(MEAN_OUTPUT)}.\n"
                 "What you can do: replace the layer, or convert the model to plain layers and pass the posterior "
                 "as a dict {parameter name: variance}."
@@ -106,7 +112,7 @@ def deterministic_meanfield(model: nn.Module) -> Iterator[None]:
     try:
         for _, layer in _meanfield_layers(model):
             saved.append((layer, layer.__dict__.get("forward", _missing)))
-            layer.forward = _deterministic_forward(layer, MEAN_OUTPUT[type(layer).__name__])
+            layer.forward = _deterministic_forward(layer, MEAN_OUTPUT[_library_class(type(layer)).__name__])
         yield
     finally:
         for layer, forward in reversed(saved):

@@ -124,7 +124,8 @@ class MomentInterpreter(nn.Module):
                 self.bindings.append(("moment", mean_key, name))
             elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 key = _buffer_name("const", spec.target)
-                value = state[spec.target] if spec.kind == InputKind.BUFFER else program.constants[spec.target]
+                persistent = spec.kind == InputKind.BUFFER and spec.persistent
+                value = state[spec.target] if persistent else program.constants[spec.target]
                 self.register_buffer(key, value.detach().clone())
                 self.bindings.append(("tensor", key))
             else:

@@ -174,3 +174,23 @@ def test_multi_input_model():
     mean, _ = cm(x, y)
     torch.testing.assert_close(mean, model(x, y))
     assert cm.input_names == ["x", "y"]
+
+
+def test_non_persistent_buffers_and_extra_outputs():
+    """Non-persistent buffers live in the program's constants; moments are of the first output tensor."""
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+            self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+        def forward(self, x):
+            out = self.fc(x) * self.scale
+            return out, torch.cumsum(out, -1)  # the second output has no rule and is not needed
+
+    model = Scaled()
+    x = torch.randn(4, 3)
+    mean, var = mp.compile(model, {"fc.bias": torch.full((2,), 0.1)}, (x,))(x)
+    torch.testing.assert_close(mean, model(x)[0])
+    torch.testing.assert_close(var, torch.full((4, 2), 0.4))

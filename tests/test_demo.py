@@ -6,12 +6,7 @@ import math
 import subprocess
 import sys
 
-import pytest
-
-pytest.importorskip("sklearn")
-pytest.importorskip("ivon")
-
-from momentprop.demo import run_demo  # noqa: E402
+from momentprop.demo import run_demo
 
 
 def test_demo_short_run(tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 import momentprop as mp
 from conftest import make_mlp
 
-ivon = pytest.importorskip("ivon")
+import ivon  # noqa: E402
 
 
 def trained(model: nn.Module, ess: float = 5_000.0) -> "ivon.IVON":

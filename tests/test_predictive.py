@@ -115,7 +115,8 @@ def test_bridge_links(link):
 
 
 def test_bridge_matches_laplace_torch():
-    laplace = pytest.importorskip("laplace")
+    import laplace
+
     model = make_mlp([6, 16, 4], nn.Tanh, seed=11)
     x, y = _classification_data(model, 64, seed=12)
     la = laplace.Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="full")
