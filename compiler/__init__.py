@@ -22,16 +22,21 @@ from momentprop.passes.heads import LINKS
 
 from .capture import capture, normalise_example_inputs
 from .emit import quiet_torch
-from .errors import CalibrationError, CaptureError, InputError, MomentpropError, PosteriorError, UnsupportedOpError
+from .errors import (
+    CalibrationError, CaptureError, InputError, MomentpropError, PersistenceError, PosteriorError, UnsupportedOpError,
+)
 from .laplace import is_laplace, likelihood_of
 from .meanfield import deterministic_meanfield
-from .posterior import read_posterior
+from .persist import load_compiled as load
+from .persist import load_posterior, save_posterior
+from .posterior import Dense, FullCovariance, Kron, read_posterior
 from .rewrite import HeadConfig, MomentInterpreter, rewrite
 from .runtime import CompiledInfo, CompiledModel, OnnxRunner
 
 __all__ = [
-    "CalibrationError", "CaptureError", "CompiledModel", "InputError", "MomentpropError", "OnnxRunner", "PosteriorError",
-    "UnsupportedOpError", "__version__", "compile",
+    "CalibrationError", "CaptureError", "CompiledModel", "Dense", "FullCovariance", "InputError", "Kron",
+    "MomentpropError", "OnnxRunner", "PersistenceError", "PosteriorError", "UnsupportedOpError", "__version__",
+    "compile", "load", "load_posterior", "save_posterior",
 ]
 
 _COVARIANCES = ("diag", "full")

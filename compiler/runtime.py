@@ -176,6 +176,12 @@ class CompiledModel:
             "outputs": output_names(self.likelihood, self.returns_covariance),
         }
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Store the compiled model in one safetensors file (tensors; the graph and settings as JSON metadata)."""
+        from .persist import save_compiled  # persist builds CompiledModel objects itself
+
+        return save_compiled(self, path)
+
     def to_onnx(self, path: str | os.PathLike) -> Path:
         """Write the moment graph to ``path`` as ONNX (batch size dynamic) and return the path."""
         return emit_onnx(
