@@ -250,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     setup_s = 0.0
     sizes: dict[str, int] = {}
+    session_mib: dict[str, float | None] = {}
 
     with tempfile.TemporaryDirectory(prefix="momentprop-bench-") as tmp:
         out_dir = args.keep or tmp
@@ -263,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
 
             for batch in batches:
                 xt = torch.randn(batch, SIZES[0], generator=torch.Generator().manual_seed(batch))
-                session = make_session(path, args.threads, args.spin)  # fresh: its arena growth is measured
+                held: dict[str, float | None] = {}
+                session = with_memory(lambda: make_session(path, args.threads, args.spin), held, "session")()
+                session_mib.setdefault(structure, held["session"])  # fresh per batch: its arena growth is measured
                 mem: dict[str, float | None] = {}
                 outs: dict[str, object] = {}
 
@@ -309,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
           f"at batch {TARGET_BATCH}).\nMiB = extra peak RSS during a predictor's first call (VmHWM after minus VmRSS "
           "before, high-water mark reset and malloc_trim before the call; fresh ORT session per row pair).\n"
           "note: max abs difference of class probabilities, compiled vs laplace-torch (differ by design; not asserted). "
-          "ONNX files: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()))
+          "ONNX files: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()) + "; creating an ORT session "
+          "adds (not counted above) " + ", ".join(f"{k} {_mib(v)} MiB" for k, v in session_mib.items()) + " RSS.")
     if args.quick:
         print(f"(--quick: batch 32 only, {2 * repeats} rounds, {n_samples} samples; figures are a smoke test, not a measurement)")
     print(format_table(rows))

@@ -30,7 +30,7 @@ from .meanfield import deterministic_meanfield
 from .persist import load_compiled as load
 from .persist import load_posterior, save_posterior
 from .posterior import Dense, FullCovariance, Kron, read_posterior
-from .rewrite import HeadConfig, MomentInterpreter, rewrite
+from .rewrite import RewriteConfig, MomentInterpreter, rewrite
 from .runtime import CompiledInfo, CompiledModel, OnnxRunner
 
 __all__ = [
@@ -55,6 +55,7 @@ def compile(
     variance_scale: float = 1.0,
     link: str = "probit",
     input_variance: bool = False,
+    attention: str = "paper",
 ) -> CompiledModel:
     """Compile ``model`` with a Gaussian weight ``posterior`` into a moment graph for the moments of the
     model's first output tensor.
@@ -73,6 +74,8 @@ def compile(
         link: classification head: ``"probit"``, or laplace-torch's Laplace bridge ``"bridge"`` / ``"bridge_norm"``.
         input_variance: add one elementwise variance input per model input (named ``input_variance``, or
             ``<input name>_variance`` for several inputs), to push a Gaussian over the inputs through the network.
+        attention: ``"paper"`` (queries and keys deterministic: attention weights from the means) or
+            ``"linearised"`` (the softmax linearised, so uncertainty in queries and keys propagates too).
     """
     if is_laplace(posterior):  # laplace-torch knows its likelihood and observation noise
         laplace_likelihood, laplace_sigma = likelihood_of(posterior)
@@ -89,6 +92,8 @@ def compile(
         raise InputError(f"variance_scale must be a positive finite number, got {variance_scale!r}")
     if link not in LINKS or (link != "probit" and likelihood != "classification"):
         raise InputError(f"link must be one of {LINKS} and only applies to likelihood='classification', got {link!r}")
+    if attention not in ("paper", "linearised"):
+        raise InputError(f"attention must be 'paper' or 'linearised', got {attention!r}")
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalise_example_inputs(example_inputs)
@@ -98,7 +103,9 @@ def compile(
     with quiet_torch():
         with deterministic_meanfield(model):
             program = capture(model, inputs)
-        head = HeadConfig(covariance, likelihood, output_covariance and covariance == "diag", link, input_variance)
+        head = RewriteConfig(
+            covariance, likelihood, output_covariance and covariance == "diag", link, input_variance, attention
+        )
         interpreter = MomentInterpreter(program, model, variances, head, sigma_noise, variance_scale)
         if input_variance:
             inputs = inputs + tuple(torch.zeros_like(x) for x in inputs)
@@ -115,5 +122,6 @@ def compile(
         input_names=names,
         link=link,
         input_variance=input_variance,
+        attention=attention,
     )
     return CompiledModel(moment_program, info, inputs)

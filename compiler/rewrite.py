@@ -35,12 +35,13 @@ LINEAR_FAMILY = {
 
 
 @dataclass(frozen=True)
-class HeadConfig:
+class RewriteConfig:
     covariance: Covariance
     likelihood: str | None
     output_covariance: bool
     link: str = "probit"
     input_variance: bool = False
+    attention: str = "paper"
 
 
 def _buffer_name(prefix: str, name: str) -> str:
@@ -95,7 +96,7 @@ class MomentInterpreter(nn.Module):
         program: ExportedProgram,
         model: nn.Module,
         posterior: Posterior,
-        head: HeadConfig,
+        head: RewriteConfig,
         sigma_noise: float | None,
         variance_scale: float,
     ):
@@ -188,7 +189,7 @@ class MomentInterpreter(nn.Module):
         if not rule.elementwise:
             args, kwargs = pytree.tree_map_only(Moment, Moment.materialised, (args, kwargs))
         covariance = "full" if node is self.final_layer else self.head.covariance
-        return rule.fn(RuleContext(covariance), *args, **kwargs)
+        return rule.fn(RuleContext(covariance, self.head.attention), *args, **kwargs)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``inputs``: the model's inputs, followed by one elementwise variance per input under input_variance."""

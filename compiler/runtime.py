@@ -31,6 +31,7 @@ class CompiledInfo:
     input_names: list[str]
     link: str = "probit"
     input_variance: bool = False
+    attention: str = "paper"
 
     @property
     def returns_covariance(self) -> bool:
@@ -170,6 +171,7 @@ class CompiledModel:
             "likelihood": self.likelihood or "none",
             "link": self.info.link,
             "input_variance": self.info.input_variance,
+            "attention": self.info.attention,
             "sigma_noise": self.sigma_noise,
             "variance_scale": self.variance_scale,
             "random_parameters": self.random_parameters,

@@ -1,6 +1,6 @@
 """Moment rules, one module per op family; importing this package fills the rule table."""
 
-from . import activations, data_movement, elementwise, linear, normalisation  # noqa: F401  (registration)
+from . import activations, attention, data_movement, elementwise, linear, normalisation  # noqa: F401  (registration)
 from . import heads
 from .moment import Moment
 from .registry import RULES, Rule, RuleContext, kept_whole, lookup, register

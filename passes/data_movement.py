@@ -169,3 +169,12 @@ def split(ctx: RuleContext, x: Moment, split_size, dim: int = 0) -> list[Moment]
 def getitem(ctx: RuleContext, values, index):
     """Element ``index`` of a multi-output op's results."""
     return values[index]
+
+
+@register(aten.embedding.default)
+def embedding(ctx: RuleContext, weight: Moment, indices, padding_idx: int = -1, scale_grad_by_freq=False, sparse=False):
+    """A lookup in a random table: the rows' variances are looked up with them (entries independent: exact
+    for a diagonal posterior; full mode gets the diagonal covariance of the looked-up entries)."""
+    mean = aten.embedding.default(weight.mean, indices, padding_idx)
+    var = aten.embedding.default(weight.variance(), indices, padding_idx)
+    return Moment(mean, torch.diag_embed(var) if ctx.covariance == "full" else var, ctx.covariance == "full")

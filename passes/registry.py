@@ -23,9 +23,11 @@ class RuleContext:
 
     ``covariance`` is the kind of the node's random outputs where a rule creates one from parameters (a
     Bayesian linear layer on a deterministic input); rules that transform a moment keep its kind.
+    ``attention`` is ``"paper"`` (attention weights from the means) or ``"linearised"`` (see attention.py).
     """
 
     covariance: Covariance = "diag"
+    attention: str = "paper"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,107 @@
+"""Attention: softmax and scaled dot-product attention.
+
+The paper's rule (the default, ``ctx.attention == "paper"``): queries and keys are deterministic, computed from
+the means, so the attention weights ``A = softmax(q k^T / sqrt(d) + mask)`` carry no variance and only the
+values are random: ``Var(o_t) = sum_s A_ts^2 Var(v_s)`` (full, per head over the head dim:
+``Cov(o_t) = sum_s A_ts^2 Cov(v_s)``).  With ``attention="linearised"`` the softmax is linearised instead,
+``J = diag(p) - p p^T``, so uncertainty in queries and keys reaches the output too (beyond the paper).
+Masked keys get ``A = 0``; a query that sees no key at all gets zero variance, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .linear import matmul
+from .moment import Moment, is_random, mean_of
+from .registry import RuleContext, register
+
+aten = torch.ops.aten
+
+
+def _softmax_moment(x: Moment, dim: int, probs: Tensor) -> Moment:
+    """Linearised softmax along ``dim``: ``J = diag(p) - p p^T``.  diag: ``Var y_i = p_i^2 (v_i (1 - 2 p_i) +
+    sum_j p_j^2 v_j)`` (exactly ``sum_j J_ij^2 v_j``); full along the last dim: ``J Sigma J^T``."""
+    last = dim % probs.dim() == probs.dim() - 1
+    if x.full and last:
+        jac = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+        return Moment(probs, jac @ x.var @ jac.mT, True)
+    v = x.variance()
+    var = probs * probs * (v * (1.0 - 2.0 * probs) + (probs * probs * v).sum(dim, keepdim=True))
+    return Moment(probs, torch.diag_embed(var) if x.full else var, x.full)
+
+
+@register(aten._softmax.default, aten.softmax.int)
+def softmax(ctx: RuleContext, x: Moment, dim: int, half_or_dtype=None) -> Moment | Tensor:
+    """Softmax: deterministic at the mean under the paper's attention rule, linearised otherwise."""
+    probs = torch.softmax(x.mean, dim)
+    if ctx.attention == "paper":
+        return probs
+    return _softmax_moment(x, dim, probs)
+
+
+@register(aten.scaled_dot_product_attention.default)
+def scaled_dot_product_attention(
+    ctx: RuleContext, q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale=None,
+    enable_gqa: bool = False,
+) -> Moment:
+    """``softmax(q k^T * scale + mask) v`` per head: the weights from the means (paper) or linearised; the
+    values through the product rule (``A @ v`` with ``A`` deterministic gives ``sum_s A_ts^2 Cov(v_s)``)."""
+    q_mean, k_mean, v_mean = mean_of(q), mean_of(k), mean_of(v)
+    mean = aten.scaled_dot_product_attention.default(
+        q_mean, k_mean, v_mean, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+    if enable_gqa and k_mean.shape[-3] != q_mean.shape[-3]:
+        repeat = q_mean.shape[-3] // k_mean.shape[-3]
+        k = _repeat_heads(k, repeat)
+        v = _repeat_heads(v, repeat)
+    scale = 1.0 / math.sqrt(q_mean.shape[-1]) if scale is None else scale
+    scores = _scores(ctx, q, k, scale)
+    scores_mean = mean_of(scores)
+    bias = _mask_bias(attn_mask, is_causal, scores_mean)
+    if bias is not None:
+        scores = scores + bias if not is_random(scores) else Moment(scores.mean + bias, scores.var, scores.full)
+    weights = softmax(ctx, scores, -1) if is_random(scores) else torch.softmax(scores, -1)
+    weights = _no_nan(weights)
+    out = matmul(ctx, weights, v)
+    if not is_random(out):
+        return mean
+    return Moment(mean, out.var, out.full)
+
+
+def _scores(ctx: RuleContext, q, k, scale: float):
+    """``q k^T * scale``: deterministic under the paper's rule, else the product rule (q and k independent)."""
+    if ctx.attention == "paper" or not (is_random(q) or is_random(k)):
+        return (mean_of(q) @ mean_of(k).mT) * scale
+    k_t = Moment(k.mean.mT, k.variance().mT, False) if is_random(k) else k.mT
+    q_diag = Moment(q.mean, q.variance(), False) if is_random(q) else q
+    product = matmul(RuleContext("diag", ctx.attention), q_diag, k_t)
+    return Moment(product.mean * scale, product.var * scale * scale, False)
+
+
+def _mask_bias(attn_mask, is_causal: bool, scores: Tensor) -> Tensor | None:
+    bias = None
+    if is_causal:
+        t, s = scores.shape[-2], scores.shape[-1]
+        causal = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(diagonal=s - t)
+        bias = torch.zeros_like(causal, dtype=scores.dtype).masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        mask = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(~attn_mask, float("-inf"))
+        bias = mask if bias is None else bias + mask
+    return bias
+
+
+def _no_nan(weights):
+    """Rows with every key masked are NaN in the mean; they must carry zero variance, not NaN."""
+    if is_random(weights):
+        return Moment(torch.nan_to_num(weights.mean), torch.nan_to_num(weights.var), weights.full)
+    return torch.nan_to_num(weights)
+
+
+def _repeat_heads(x, repeat: int):
+    if not is_random(x):
+        return x.repeat_interleave(repeat, dim=-3)
+    return Moment(x.mean.repeat_interleave(repeat, dim=-3), x.var.repeat_interleave(repeat, dim=-3), x.full)
