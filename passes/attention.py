@@ -77,9 +77,8 @@ def _scores(ctx: RuleContext, q, k, scale: float):
     if ctx.attention == "paper" or not (is_random(q) or is_random(k)):
         return (mean_of(q) @ mean_of(k).mT) * scale
     k_t = Moment(k.mean.mT, k.variance().mT, False) if is_random(k) else k.mT
-    q_diag = Moment(q.mean, q.variance(), False) if is_random(q) else q
-    product = matmul(RuleContext("diag", ctx.attention), q_diag, k_t)
-    return Moment(product.mean * scale, product.var * scale * scale, False)
+    product = matmul(ctx, q, k_t)
+    return Moment(product.mean * scale, product.var * scale * scale, product.full)
 
 
 def _mask_bias(attn_mask, is_causal: bool, scores: Tensor) -> Tensor | None:

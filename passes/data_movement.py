@@ -24,19 +24,20 @@ from .registry import RuleContext, register
 aten = torch.ops.aten
 
 
-def def_structural(op, full_cov: Callable[..., Tensor | None] | None = None) -> Callable:
-    """Register a data-movement rule: ``op`` on the mean and on the variance.
+def def_structural(op, full_cov: Callable[..., Tensor | None] | None = None, var_op=None) -> Callable:
+    """Register a data-movement rule: ``op`` on the mean and ``var_op`` (default ``op``) on the variance.
 
     ``full_cov(cov, mean_out, *args)`` gives the moved covariance in full mode, or ``None`` when the op
     changes the last dimension (then only the variances are moved)."""
+    var_op = var_op or op
 
     def rule(ctx: RuleContext, x: Moment, *args, **kwargs) -> Moment:
         mean = op(x.mean, *args, **kwargs)
         if not x.full:
-            return Moment(mean, op(x.var, *args, **kwargs), False)
+            return Moment(mean, var_op(x.var, *args, **kwargs), False)
         cov = full_cov(x.var, mean, *args, **kwargs) if full_cov is not None else None
         if cov is None:
-            cov = torch.diag_embed(op(x.variance().contiguous(), *args, **kwargs))
+            cov = torch.diag_embed(var_op(x.variance(), *args, **kwargs))
         return Moment(mean, cov, True)
 
     rule.__name__ = f"move_{op.__name__.replace('.', '_')}"
@@ -108,7 +109,8 @@ def _expand_cov(cov: Tensor, mean: Tensor, *args, **kwargs) -> Tensor:
 
 
 for _op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
-    def_structural(_op, _view_cov)
+    # a variance computed by another route may not share the mean's memory layout: reshape, never view
+    def_structural(_op, _view_cov, var_op=aten.reshape.default)
 def_structural(aten.permute.default, _permute_cov)
 def_structural(aten.transpose.int, _transpose_cov)
 def_structural(aten.t.default)

@@ -91,7 +91,9 @@ def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: KronWeight | De
     return _finish(mean, elementwise, cov, full_out)
 
 
-def _finish(mean: Tensor, elementwise: Tensor | None, cov: Tensor | None, full_out: bool) -> Moment:
+def _finish(mean: Tensor, elementwise: Tensor | None, cov: Tensor | None, full_out: bool) -> Moment | Tensor:
+    if elementwise is None and cov is None:  # nothing random reached the product
+        return mean
     if not full_out:
         return Moment(mean, broadcast_to(elementwise, mean.shape), False)
     if elementwise is not None:
