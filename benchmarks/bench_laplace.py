@@ -244,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     import onnxruntime as ort
 
     start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     x_train, y_train = make_data()
     model = train(make_mlp(), x_train, y_train)
     example = x_train[:2]
@@ -264,9 +265,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
 
             for batch in batches:
                 xt = torch.randn(batch, SIZES[0], generator=torch.Generator().manual_seed(batch))
-                held: dict[str, float | None] = {}
+                held: dict[str, float | None] = {}  # a fresh session per batch, so that its arena growth is measured
                 session = with_memory(lambda: make_session(path, args.threads, args.spin), held, "session")()
-                session_mib.setdefault(structure, held["session"])  # fresh per batch: its arena growth is measured
+                session_mib.setdefault(structure, held["session"])
                 mem: dict[str, float | None] = {}
                 outs: dict[str, object] = {}
 
@@ -317,7 +318,13 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     if args.quick:
         print(f"(--quick: batch 32 only, {2 * repeats} rounds, {n_samples} samples; figures are a smoke test, not a measurement)")
     print(format_table(rows))
-    print(f"setup (fit + compile + export) {setup_s:.1f} s, total {time.perf_counter() - start:.1f} s")
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"setup (fit + compile + export) {setup_s:.1f} s, total {time.perf_counter() - start:.1f} s; "
+          f"1-min load average {load_start:.1f} at start, {load_end:.1f} at end")
+    if max(load_start, load_end - args.threads) > max(1.0, 0.5 * (os.cpu_count() or 1)):
+        # the load at the end includes this benchmark's own threads
+        print("warning: other processes were using the CPUs; torch's thread pool suffers most from that (many short "
+              "parallel regions wait for a descheduled thread), so laplace-torch times and speed-ups are inflated")
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Step 1: capture the model as an ATen graph with torch.export, batch size dynamic.
+"""Step 1: capture the model as an ATen graph with torch.export, batch size (and sequence length) dynamic.
 
 Decomposition goes down to core ATen except for the ops that have a moment rule of their own (``linear``,
 ``gelu``, ``silu``, ...): keeping those whole gives smaller graphs, and composites we do not keep are still
@@ -40,9 +40,22 @@ def normalise_example_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]
     return tuple(example_inputs)
 
 
+def is_sequence(x: torch.Tensor) -> bool:
+    """Token ids and their masks, (batch, sequence) integer tensors, have a dynamic sequence length."""
+    return not x.is_floating_point() and x.dtype != torch.bool and x.dim() == 2
+
+
 def with_batch_of_two(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """torch.export fixes a dynamic dimension whose example size is 1, so capture at batch 2 at least."""
-    return tuple(x if x.shape[0] >= 2 else x.expand(2, *x.shape[1:]).clone() for x in inputs)
+    """torch.export fixes a dynamic dimension whose example size is 1, so capture at batch 2 at least (and at
+    sequence length 2 at least)."""
+    widened = []
+    for x in inputs:
+        if x.shape[0] < 2:
+            x = x.expand(2, *x.shape[1:]).clone()
+        if is_sequence(x) and x.shape[1] < 2:
+            x = torch.cat([x, x], dim=1)
+        widened.append(x)
+    return tuple(widened)
 
 
 @contextlib.contextmanager
@@ -57,9 +70,11 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.train(flag)
 
 
-def batch_dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, Dim], ...]:
+def dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, Dim], ...]:
+    """Dim 0 of every input is the batch; dim 1 of (batch, sequence) integer inputs (token ids, masks) is the
+    sequence length, dynamic where the model allows it (Dim.AUTO)."""
     batch = Dim("batch")
-    return tuple({0: batch} for _ in inputs)
+    return tuple({0: batch, 1: Dim.AUTO} if is_sequence(x) else {0: batch} for x in inputs)
 
 
 def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> ExportedProgram:
@@ -76,7 +91,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Exporte
             ) from exc
         try:
             program = torch.export.export(
-                model, inputs, dynamic_shapes=batch_dynamic_shapes(inputs), strict=False
+                model, inputs, dynamic_shapes=dynamic_shapes(inputs), strict=False
             )
         except Exception as exc:
             raise CaptureError(

@@ -24,7 +24,7 @@ from momentprop.passes import Moment, RuleContext, heads, lookup
 from momentprop.passes.weights import DenseWeight, KronWeight
 from momentprop.passes.registry import Covariance
 
-from .capture import batch_dynamic_shapes, with_batch_of_two
+from .capture import dynamic_shapes, with_batch_of_two
 from .errors import CaptureError, UnsupportedOpError
 from .posterior import Dense, Kron, ParameterPosterior, Posterior, canonical_names
 
@@ -230,5 +230,5 @@ def rewrite(interpreter: MomentInterpreter, example_inputs: Sequence[torch.Tenso
     inputs = with_batch_of_two(example_inputs)
     with torch.no_grad():
         return torch.export.export(
-            interpreter, inputs, dynamic_shapes=(batch_dynamic_shapes(inputs),), strict=False
+            interpreter, inputs, dynamic_shapes=(dynamic_shapes(inputs),), strict=False
         )

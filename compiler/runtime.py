@@ -13,6 +13,7 @@ import torch
 from torch.export import ExportedProgram
 
 from ._version import __version__
+from .capture import is_sequence
 from .emit import emit_onnx, output_names
 from momentprop.passes import heads
 
@@ -72,7 +73,8 @@ class CompiledModel:
         if len(inputs) != len(self.example_inputs):
             raise InputError(f"expected {len(self.example_inputs)} input tensor(s), got {len(inputs)}")
         for i, (x, ex) in enumerate(zip(inputs, self.example_inputs)):
-            if not isinstance(x, torch.Tensor) or x.shape[1:] != ex.shape[1:]:
+            fixed = 2 if is_sequence(ex) else 1  # batch (and sequence length) are dynamic
+            if not isinstance(x, torch.Tensor) or x.shape[fixed:] != ex.shape[fixed:] or x.dim() != ex.dim():
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 raise InputError(
                     f"input {i} has shape {got}; the model was compiled for (batch, {', '.join(map(str, ex.shape[1:]))})"

@@ -44,7 +44,7 @@ def monte_carlo(
     """Mean, variance and covariance (over the last dim) of ``model(x)`` with weights drawn from
     ``N(params, diag(posterior))``, in float64."""
     model = copy.deepcopy(model).double()
-    x = x.double()
+    x = x.double() if x.is_floating_point() else x
     params = {n: p.detach() for n, p in model.named_parameters()}
     std = {n: v.double().sqrt() for n, v in posterior.items()}
     g = torch.Generator().manual_seed(seed)

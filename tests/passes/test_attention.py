@@ -144,7 +144,7 @@ def test_softmax_linearised(covariance):
 
 
 @pytest.mark.parametrize("covariance", ["diag", "full"])
-def test_layer_norm_statistics_from_the_mean(covariance):
+def test_layer_norm_linearised_with_its_statistics(covariance):
     class Norm(nn.Module):
         def __init__(self):
             super().__init__()
@@ -161,12 +161,12 @@ def test_layer_norm_statistics_from_the_mean(covariance):
     x = torch.randn(3, 4)
     mean, var = mp.compile(model, post, (x,), covariance=covariance)(x)
     h = model.fc(x).detach()
-    scale = model.norm.weight.detach() / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-3)
+    jac = torch.func.vmap(torch.func.jacrev(model.norm))(h).detach()  # LayerNorm's Jacobian, statistics included
     h_var = (x**2) @ post["fc.weight"].T + post["fc.bias"]
-    expected = scale**2 * h_var + post["norm.bias"]
+    expected = jac @ torch.diag_embed(h_var) @ jac.mT + torch.diag_embed(post["norm.bias"].expand(3, 6))
     torch.testing.assert_close(mean, model(x))
-    got = torch.diagonal(var, dim1=-2, dim2=-1) if covariance == "full" else var
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-10)
+    expected = expected if covariance == "full" else torch.diagonal(expected, dim1=-2, dim2=-1)
+    torch.testing.assert_close(var, expected, rtol=1e-4, atol=1e-10)
 
 
 def test_embedding_variance_is_looked_up():
