@@ -39,6 +39,31 @@ def output_names(likelihood: str | None, full: bool) -> list[str]:
     return names
 
 
+def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.name == old:
+            value.name = new
+    for tensor in graph.initializer:
+        if tensor.name == old:
+            tensor.name = new
+
+
+def _name_outputs(graph: onnx.GraphProto, names: Sequence[str]) -> None:
+    """Give the graph outputs our names; an inner value that already has one of them (a LayerNorm's "mean")
+    is renamed first (torch.onnx's output_names would collide with it)."""
+    outputs = [o.name for o in graph.output]
+    taken = {n for node in graph.node for n in (*node.input, *node.output)} | {i.name for i in graph.initializer}
+    for name in names:
+        if name in taken and name not in outputs:
+            _rename(graph, name, f"{name}__inner")
+    for old, new in zip(outputs, names):
+        if old != new:
+            _rename(graph, old, new)
+
+
 def emit_onnx(
     program: ExportedProgram,
     example_inputs: Sequence[torch.Tensor],
@@ -55,12 +80,12 @@ def emit_onnx(
             program,
             tuple(example_inputs),
             input_names=list(input_names),
-            output_names=list(names),
             dynamo=True,
             optimize=True,
             verbose=False,
         )
     model = onnx_program.model_proto
+    _name_outputs(model.graph, names)
     del model.metadata_props[:]
     for key, value in model_card.items():
         entry = model.metadata_props.add()
