@@ -8,6 +8,7 @@ linearised as one function by the elementwise rules.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator, Sequence
 
 import torch
@@ -77,6 +78,11 @@ def dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, Dim], ...]
     return tuple({0: batch, 1: Dim.AUTO} if is_sequence(x) else {0: batch} for x in inputs)
 
 
+def _takes_varargs(model: nn.Module) -> bool:
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters)
+
+
 def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> ExportedProgram:
     """Export ``model`` in eval mode with a dynamic batch and decompose it to the op set of the rules."""
     inputs = with_batch_of_two(example_inputs)
@@ -89,10 +95,11 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Exporte
                 f"calling the model on example_inputs of shapes {shapes} failed ({type(exc).__name__}: {exc}); "
                 "pass example inputs that model(*example_inputs) accepts"
             ) from exc
+        shapes = dynamic_shapes(inputs)
+        if _takes_varargs(model):  # forward(*xs): torch.export wants the specs of the varargs nested
+            shapes = (shapes,)
         try:
-            program = torch.export.export(
-                model, inputs, dynamic_shapes=dynamic_shapes(inputs), strict=False
-            )
+            program = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
         except Exception as exc:
             raise CaptureError(
                 f"torch.export could not capture {type(model).__name__} with a dynamic batch dimension: "

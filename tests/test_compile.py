@@ -194,3 +194,18 @@ def test_non_persistent_buffers_and_extra_outputs():
     mean, var = mp.compile(model, {"fc.bias": torch.full((2,), 0.1)}, (x,))(x)
     torch.testing.assert_close(mean, model(x)[0])
     torch.testing.assert_close(var, torch.full((4, 2), 0.4))
+
+
+def test_model_with_varargs_forward():
+    class Sum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, *xs):
+            return self.fc(sum(xs))
+
+    model = Sum()
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    mean, _ = mp.compile(model, 1e-3, (x, y))(x, y)
+    torch.testing.assert_close(mean, model(x, y))
