@@ -200,6 +200,12 @@ class PeakRss:
 # --------------------------------------------------------------------------------------------- case
 
 
+def onnx_files(path: str) -> list[str]:
+    """The ONNX file and its external-data files (``<name>.onnx.data`` and the like), if any."""
+    folder, base = os.path.split(path)
+    return [os.path.join(folder, f) for f in os.listdir(folder or ".") if f.startswith(base)]
+
+
 def run_case(name: str, model: nn.Module, posterior: dict, example: torch.Tensor, x: np.ndarray, layers: int,
              tokens: bool, out_dir: str, args, repeats: int, note: str) -> tuple[Row, dict]:
     import momentprop as mp
@@ -214,7 +220,7 @@ def run_case(name: str, model: nn.Module, posterior: dict, example: torch.Tensor
         t2 = time.perf_counter()
     del cm
     gc.collect()
-    sizes = {k: os.path.getsize(p) / 2**20 for k, p in (("plain", plain_path), ("compiled", path))}
+    sizes = {k: sum(os.path.getsize(f) for f in onnx_files(p)) / 2**20 for k, p in (("plain", plain_path), ("compiled", path))}
 
     plain = make_session(plain_path, args.threads, args.spin)
     comp = make_session(path, args.threads, args.spin)
@@ -375,9 +381,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             gc.collect()
             if not args.keep:
                 for key in ("plain_path", "compiled_path"):
-                    for p in (info[key], info[key] + ".data"):
-                        if os.path.exists(p):
-                            os.remove(p)
+                    for p in onnx_files(info[key]):
+                        os.remove(p)
 
     print(
         f"momentprop transformers benchmark: GPT-2 small size / ViT-B/16 size, random weights, {layers} layers"

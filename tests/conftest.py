@@ -67,6 +67,17 @@ def monte_carlo(
     return mean, torch.diagonal(cov, dim1=-2, dim2=-1), cov
 
 
+class TokenEmbedding(nn.Module):
+    """An embedding table applied to integer ids."""
+
+    def __init__(self, vocabulary: int = 10, dim: int = 4):
+        super().__init__()
+        self.table = nn.Embedding(vocabulary, dim)
+
+    def forward(self, ids):
+        return self.table(ids)
+
+
 @pytest.fixture
 def mlp() -> nn.Sequential:
     return make_mlp([6, 16, 16, 4], nn.Tanh)

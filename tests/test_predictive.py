@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import momentprop as mp
-from conftest import make_mlp, random_posterior
+from conftest import TokenEmbedding, make_mlp, random_posterior
 
 
 def _classification_data(model, n, seed, temperature=1.0):
@@ -156,16 +156,8 @@ def test_input_variance_is_the_linearised_input_uncertainty(tmp_path, covariance
 
 
 def test_input_variance_needs_floating_inputs():
-    class Embed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table = nn.Embedding(10, 4)
-
-        def forward(self, ids):
-            return self.table(ids)
-
     with pytest.raises(mp.InputError, match="floating-point"):
-        mp.compile(Embed(), 1e-3, (torch.randint(0, 10, (3, 2)),), input_variance=True)
+        mp.compile(TokenEmbedding(), 1e-3, (torch.randint(0, 10, (3, 2)),), input_variance=True)
 
 
 def test_link_needs_classification():

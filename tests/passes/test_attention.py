@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import momentprop as mp
-from conftest import monte_carlo, random_posterior
+from conftest import TokenEmbedding, monte_carlo, random_posterior
 
 
 class SelfAttention(nn.Module):
@@ -170,15 +170,7 @@ def test_layer_norm_linearised_with_its_statistics(covariance):
 
 
 def test_embedding_variance_is_looked_up():
-    class Embed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table = nn.Embedding(10, 4)
-
-        def forward(self, ids):
-            return self.table(ids)
-
-    model = Embed()
+    model = TokenEmbedding()
     post = random_posterior(model, 1e-2)
     ids = torch.randint(0, 10, (3, 5))
     mean, var = mp.compile(model, post, (ids,))(ids)
