@@ -30,7 +30,7 @@ from .meanfield import deterministic_meanfield
 from .persist import load_compiled as load
 from .persist import load_posterior, save_posterior
 from .posterior import Dense, FullCovariance, Kron, read_posterior
-from .rewrite import RewriteConfig, MomentInterpreter, rewrite
+from .rewrite import MomentInterpreter, RewriteConfig, rewrite
 from .runtime import CompiledInfo, CompiledModel, OnnxRunner
 
 __all__ = [
@@ -41,6 +41,24 @@ __all__ = [
 
 _COVARIANCES = ("diag", "full")
 _LIKELIHOODS = (None, "classification", "regression")
+_ATTENTION = ("paper", "linearised")
+
+
+def _check_options(model, covariance, likelihood, sigma_noise, variance_scale, link, attention) -> None:
+    if covariance not in _COVARIANCES:
+        raise InputError(f"covariance must be one of {_COVARIANCES}, got {covariance!r}")
+    if likelihood not in _LIKELIHOODS:
+        raise InputError(f"likelihood must be one of {_LIKELIHOODS}, got {likelihood!r}")
+    if sigma_noise is not None and (likelihood != "regression" or not sigma_noise >= 0):
+        raise InputError("sigma_noise must be a non-negative number and needs likelihood='regression'")
+    if not (variance_scale > 0 and variance_scale != float("inf")):
+        raise InputError(f"variance_scale must be a positive finite number, got {variance_scale!r}")
+    if link not in LINKS or (link != "probit" and likelihood != "classification"):
+        raise InputError(f"link must be one of {LINKS} and only applies to likelihood='classification', got {link!r}")
+    if attention not in _ATTENTION:
+        raise InputError(f"attention must be one of {_ATTENTION}, got {attention!r}")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def compile(
@@ -82,20 +100,7 @@ def compile(
         likelihood = likelihood or laplace_likelihood
         if likelihood == "regression" and sigma_noise is None:
             sigma_noise = laplace_sigma
-    if covariance not in _COVARIANCES:
-        raise InputError(f"covariance must be one of {_COVARIANCES}, got {covariance!r}")
-    if likelihood not in _LIKELIHOODS:
-        raise InputError(f"likelihood must be one of {_LIKELIHOODS}, got {likelihood!r}")
-    if sigma_noise is not None and (likelihood != "regression" or not sigma_noise >= 0):
-        raise InputError("sigma_noise must be a non-negative number and needs likelihood='regression'")
-    if not (variance_scale > 0 and variance_scale != float("inf")):
-        raise InputError(f"variance_scale must be a positive finite number, got {variance_scale!r}")
-    if link not in LINKS or (link != "probit" and likelihood != "classification"):
-        raise InputError(f"link must be one of {LINKS} and only applies to likelihood='classification', got {link!r}")
-    if attention not in ("paper", "linearised"):
-        raise InputError(f"attention must be 'paper' or 'linearised', got {attention!r}")
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_options(model, covariance, likelihood, sigma_noise, variance_scale, link, attention)
     inputs = normalise_example_inputs(example_inputs)
     if input_variance and not all(x.is_floating_point() for x in inputs):
         raise InputError("input_variance=True needs floating-point inputs (integer inputs such as token ids carry no variance)")
@@ -103,10 +108,10 @@ def compile(
     with quiet_torch():
         with deterministic_meanfield(model):
             program = capture(model, inputs)
-        head = RewriteConfig(
+        config = RewriteConfig(
             covariance, likelihood, output_covariance and covariance == "diag", link, input_variance, attention
         )
-        interpreter = MomentInterpreter(program, model, variances, head, sigma_noise, variance_scale)
+        interpreter = MomentInterpreter(program, model, variances, config, sigma_noise, variance_scale)
         if input_variance:
             inputs = inputs + tuple(torch.zeros_like(x) for x in inputs)
         moment_program = rewrite(interpreter, inputs)
@@ -116,7 +121,7 @@ def compile(
     info = CompiledInfo(
         covariance=covariance,
         likelihood=likelihood,
-        output_covariance=head.output_covariance,
+        output_covariance=config.output_covariance,
         sigma_noise=sigma_noise,
         random_parameters=interpreter.random_parameters,
         input_names=names,

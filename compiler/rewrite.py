@@ -96,13 +96,13 @@ class MomentInterpreter(nn.Module):
         program: ExportedProgram,
         model: nn.Module,
         posterior: Posterior,
-        head: RewriteConfig,
+        config: RewriteConfig,
         sigma_noise: float | None,
         variance_scale: float,
     ):
         super().__init__()
         self.graph = program.graph_module.graph
-        self.head = head
+        self.config = config
         self.bindings: list[tuple] = []
         self.random_parameters: list[str] = []
         self.posterior_kinds: dict[str, object] = {}
@@ -135,9 +135,9 @@ class MomentInterpreter(nn.Module):
         # model-output container); nodes that only feed other outputs are skipped.
         self.output_node = _first_output(self.graph)
         self.needed = _ancestors(self.output_node)
-        self.final_layer = _final_layer(self.graph, self.needed) if head.output_covariance else None
+        self.final_layer = _final_layer(self.graph, self.needed) if config.output_covariance else None
         self.register_buffer("variance_scale", torch.tensor(float(variance_scale)))
-        if head.likelihood == "regression":
+        if config.likelihood == "regression":
             self.register_buffer("noise_variance", torch.tensor(float(sigma_noise or 0.0) ** 2))
 
     def _register_posterior(self, name: str, spec: ParameterPosterior, dtype: torch.dtype) -> None:
@@ -188,13 +188,13 @@ class MomentInterpreter(nn.Module):
             )
         if not rule.elementwise:
             args, kwargs = pytree.tree_map_only(Moment, Moment.materialised, (args, kwargs))
-        covariance = "full" if node is self.final_layer else self.head.covariance
-        return rule.fn(RuleContext(covariance, self.head.attention), *args, **kwargs)
+        covariance = "full" if node is self.final_layer else self.config.covariance
+        return rule.fn(RuleContext(covariance, self.config.attention), *args, **kwargs)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``inputs``: the model's inputs, followed by one elementwise variance per input under input_variance."""
         env: dict[torch.fx.Node, object] = {}
-        if self.head.input_variance:
+        if self.config.input_variance:
             half = len(inputs) // 2
             inputs = tuple(Moment(x, v, False) for x, v in zip(inputs[:half], inputs[half:]))
         user_inputs = iter(inputs)
@@ -208,7 +208,7 @@ class MomentInterpreter(nn.Module):
         return self._head(env[self.output_node])
 
     def _head(self, out: object) -> tuple[torch.Tensor, ...]:
-        full = self.head.covariance == "full" or self.head.output_covariance
+        full = self.config.covariance == "full" or self.config.output_covariance
         if isinstance(out, Moment):
             out = out.materialised()
             if full and not out.full:
@@ -218,9 +218,9 @@ class MomentInterpreter(nn.Module):
             mean = out
             var = out.new_zeros(*out.shape, out.shape[-1]) if full else torch.zeros_like(out)
         var = var * self.variance_scale
-        if self.head.likelihood == "classification":
-            return mean, var, heads.class_probabilities(mean, var, full, self.head.link)
-        if self.head.likelihood == "regression":
+        if self.config.likelihood == "classification":
+            return mean, var, heads.class_probabilities(mean, var, full, self.config.link)
+        if self.config.likelihood == "regression":
             return mean, var, heads.add_observation_noise(var, self.noise_variance, full)
         return mean, var
 
