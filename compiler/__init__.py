@@ -25,7 +25,7 @@ from .emit import quiet_torch
 from .errors import (
     CalibrationError, CaptureError, InputError, MomentpropError, PersistenceError, PosteriorError, UnsupportedOpError,
 )
-from .laplace import is_laplace, likelihood_of
+from .laplace import couples_layers, is_laplace, likelihood_of
 from .meanfield import deterministic_meanfield
 from .persist import load_compiled as load
 from .persist import load_posterior, save_posterior
@@ -42,6 +42,7 @@ __all__ = [
 _COVARIANCES = ("diag", "full")
 _LIKELIHOODS = (None, "classification", "regression")
 _ATTENTION = ("paper", "linearised")
+_PREDICTIVES = ("suq", "glm")
 
 
 def _check_options(model, covariance, likelihood, sigma_noise, variance_scale, link, attention) -> None:
@@ -74,6 +75,7 @@ def compile(
     link: str = "probit",
     input_variance: bool = False,
     attention: str = "paper",
+    predictive: str = "suq",
 ) -> CompiledModel:
     """Compile ``model`` with a Gaussian weight ``posterior`` into a moment graph for the moments of the
     model's first output tensor.
@@ -94,6 +96,9 @@ def compile(
             ``<input name>_variance`` for several inputs), to push a Gaussian over the inputs through the network.
         attention: ``"paper"`` (queries and keys deterministic: attention weights from the means) or
             ``"linearised"`` (the softmax linearised, so uncertainty in queries and keys propagates too).
+        predictive: ``"suq"`` (the paper's moment matching) or ``"glm"`` (first order in the weights: with
+            ``covariance="full"`` exactly laplace-torch's linearised (GLM) predictive for posteriors that are
+            block-diagonal across layers; "glm" implies ``attention="linearised"``).
     """
     if is_laplace(posterior):  # laplace-torch knows its likelihood and observation noise
         laplace_likelihood, laplace_sigma = likelihood_of(posterior)
@@ -101,6 +106,16 @@ def compile(
         if likelihood == "regression" and sigma_noise is None:
             sigma_noise = laplace_sigma
     _check_options(model, covariance, likelihood, sigma_noise, variance_scale, link, attention)
+    if predictive not in _PREDICTIVES:
+        raise InputError(f"predictive must be one of {_PREDICTIVES}, got {predictive!r}")
+    if predictive == "glm":
+        attention = "linearised"  # the GLM predictive linearises everything, attention weights included
+        if is_laplace(posterior) and couples_layers(model, posterior):
+            raise PosteriorError(
+                "predictive='glm' is exact only for posteriors that are block-diagonal across layers, and this full "
+                "Laplace posterior couples the layers (moment propagation would drop those covariances); use "
+                "hessian_structure='kron' or 'diag', a last-layer posterior, or predictive='suq'"
+            )
     inputs = normalise_example_inputs(example_inputs)
     if input_variance and not all(x.is_floating_point() for x in inputs):
         raise InputError("input_variance=True needs floating-point inputs (integer inputs such as token ids carry no variance)")
@@ -109,7 +124,8 @@ def compile(
         with deterministic_meanfield(model):
             program = capture(model, inputs)
         config = RewriteConfig(
-            covariance, likelihood, output_covariance and covariance == "diag", link, input_variance, attention
+            covariance, likelihood, output_covariance and covariance == "diag", link, input_variance, attention,
+            predictive,
         )
         interpreter = MomentInterpreter(program, model, variances, config, sigma_noise, variance_scale)
         if input_variance:
@@ -128,5 +144,6 @@ def compile(
         link=link,
         input_variance=input_variance,
         attention=attention,
+        predictive=predictive,
     )
     return CompiledModel(moment_program, info, inputs)

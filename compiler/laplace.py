@@ -154,6 +154,14 @@ def _dense(la, params) -> Posterior:
     return result
 
 
+def couples_layers(model: nn.Module, la) -> bool:
+    """A full posterior over the parameters of more than one module (its cross-layer covariances matter)."""
+    if not type(la).__name__.startswith("Full"):
+        return False
+    modules = {name.rsplit(".", 1)[0] if "." in name else "" for name, _ in _parameters(model, la)}
+    return len(modules) > 1
+
+
 def read_laplace(model: nn.Module, la) -> Posterior:
     """The posterior of a fitted laplace-torch object over ``model``'s parameters."""
     params = _parameters(model, la)

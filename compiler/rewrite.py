@@ -42,6 +42,7 @@ class RewriteConfig:
     link: str = "probit"
     input_variance: bool = False
     attention: str = "paper"
+    predictive: str = "suq"
 
 
 def _buffer_name(prefix: str, name: str) -> str:
@@ -189,7 +190,7 @@ class MomentInterpreter(nn.Module):
         if not rule.elementwise:
             args, kwargs = pytree.tree_map_only(Moment, Moment.materialised, (args, kwargs))
         covariance = "full" if node is self.final_layer else self.config.covariance
-        return rule.fn(RuleContext(covariance, self.config.attention), *args, **kwargs)
+        return rule.fn(RuleContext(covariance, self.config.attention, self.config.predictive), *args, **kwargs)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``inputs``: the model's inputs, followed by one elementwise variance per input under input_variance."""

@@ -33,6 +33,7 @@ class CompiledInfo:
     link: str = "probit"
     input_variance: bool = False
     attention: str = "paper"
+    predictive: str = "suq"
 
     @property
     def returns_covariance(self) -> bool:
@@ -174,6 +175,7 @@ class CompiledModel:
             "link": self.info.link,
             "input_variance": self.info.input_variance,
             "attention": self.info.attention,
+            "predictive": self.info.predictive,
             "sigma_noise": self.sigma_noise,
             "variance_scale": self.variance_scale,
             "random_parameters": self.random_parameters,

@@ -65,11 +65,14 @@ def neg(ctx: RuleContext, a: Moment) -> Moment:
 @register(aten.mul.Tensor, aten.mul.Scalar, elementwise=True)
 def mul(ctx: RuleContext, a, b) -> Moment:
     """``a b``. With a constant c: c^2 var (exact).  Independent random operands: the exact product
-    variance ``m_a^2 v_b + m_b^2 v_a + v_a v_b`` (full: the same with outer products and Hadamard products)."""
+    variance ``m_a^2 v_b + m_b^2 v_a + v_a v_b`` (full: the same with outer products and Hadamard products;
+    first order, ``predictive="glm"``: without ``v_a v_b``)."""
     mean = aten.mul.Tensor(_mean(a), _mean(b))
     if not (is_random(a) and is_random(b)) or same_root(a, b):
         return _combine(mean, a, b, _mean(b), _mean(a))
     linear = linear_combination(mean, [(b.mean, a), (a.mean, b)])
+    if ctx.first_order:
+        return linear
     va, vb = promote(a, b)
     return Moment(mean, linear.var + va.var * vb.var, linear.full)
 

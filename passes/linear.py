@@ -7,6 +7,10 @@ passes ``W.T``), both independent, ``w`` with elementwise variance ``S`` and mea
 * diag: ``Var h = m_a^2 @ S + v_a @ (M^2 + S) + s_b`` (exact for independent Gaussian operands);
 * full (``Sigma_a`` over ``k``): ``Cov h = M^T Sigma_a M + diag((m_a^2 + diag Sigma_a) @ S + s_b)``.
 
+With ``predictive="glm"`` the terms ``v_a S`` (input variance times weight variance, second order in the
+weights) are dropped: full-covariance propagation is then exactly the linearised-Laplace (GLM) predictive for a
+posterior that is block-diagonal across layers.
+
 A diagonal input with a full output (the last layer under ``output_covariance=True``) uses
 ``M^T diag(v_a) M`` without forming ``diag(v_a)``.  A random right operand whose rows carry a full covariance
 (the values in attention) adds ``Cov(out_j, out_l) = sum_k E[a_k^2] Sigma_w[k, j, l]`` instead of the
@@ -35,18 +39,24 @@ def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float
     a_diag = is_random(a) and not a.full
 
     if is_random(w) and w.full:
-        second_moment = a_mean * a_mean if not is_random(a) else a_mean * a_mean + a.variance()
-        cov = _accumulate(cov, torch.einsum("...ik,...kjl->...ijl", second_moment, w.var))
-    elif is_random(w) and a_diag and not full_out:
+        cov = _accumulate(cov, torch.einsum("...ik,...kjl->...ijl", _second_moment(ctx, a), w.var))
+    elif is_random(w) and a_diag and not full_out and not ctx.first_order:
         # m_a^2 S + v_a (M^2 + S): one product per operand; M^2 + S depends on parameters only.
         w_var = w.variance()
         elementwise = _accumulate(elementwise, (a_mean * a_mean) @ w_var)
         return _finish(mean, _accumulate(elementwise, a.var @ (w_mean * w_mean + w_var)), None, False)
     elif is_random(w):
-        second_moment = a_mean * a_mean if not is_random(a) else a_mean * a_mean + a.variance()
-        elementwise = _accumulate(elementwise, second_moment @ w.variance())
+        elementwise = _accumulate(elementwise, _second_moment(ctx, a) @ w.variance())
     elementwise, cov = _input_terms(a, w_mean, elementwise, cov, full_out)
     return _finish(mean, elementwise, cov, full_out)
+
+
+def _second_moment(ctx: RuleContext, a) -> Tensor:
+    """``E[a^2]`` for the weight-noise term; first order in the weights (glm) keeps only ``m_a^2``."""
+    a_mean = mean_of(a)
+    if not is_random(a) or ctx.first_order:
+        return a_mean * a_mean
+    return a_mean * a_mean + a.variance()
 
 
 def _bias_terms(bias, beta: float, full_out: bool) -> tuple[Tensor | None, Tensor | None]:
@@ -82,7 +92,7 @@ def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: KronWeight | De
     full_out = ctx.covariance == "full" or (is_random(x) and x.full)
     joint_bias = isinstance(weight, DenseWeight) and weight.with_bias
     elementwise, cov = _bias_terms(None if joint_bias else bias, 1.0, full_out)
-    noise = weight.noise(x, full_out)
+    noise = weight.noise(mean_of(x) if ctx.first_order else x, full_out)
     if full_out:
         cov = _accumulate(cov, noise)
     else:

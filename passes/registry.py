@@ -24,10 +24,18 @@ class RuleContext:
     ``covariance`` is the kind of the node's random outputs where a rule creates one from parameters (a
     Bayesian linear layer on a deterministic input); rules that transform a moment keep its kind.
     ``attention`` is ``"paper"`` (attention weights from the means) or ``"linearised"`` (see attention.py).
+    ``predictive`` is ``"suq"`` (the paper's moment matching) or ``"glm"`` (first order in the weights).
     """
 
     covariance: Covariance = "diag"
     attention: str = "paper"
+    predictive: str = "suq"
+
+    @property
+    def first_order(self) -> bool:
+        """``predictive="glm"``: keep only terms first order in the weights (the linearised-Laplace predictive),
+        dropping the input-variance x weight-variance terms of the paper's moment matching."""
+        return self.predictive == "glm"
 
 
 @dataclass(frozen=True)

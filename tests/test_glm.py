@@ -1,0 +1,74 @@
+"""predictive="glm": first order in the weights.  With full covariance it is exactly laplace-torch's linearised
+(GLM) predictive for posteriors that are block-diagonal across layers; the oracle is laplace-torch itself."""
+
+from __future__ import annotations
+
+import laplace
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import momentprop as mp
+from conftest import make_mlp
+
+X = torch.randn(96, 5, generator=torch.Generator().manual_seed(0))
+Y = torch.randint(0, 3, (96,), generator=torch.Generator().manual_seed(1))
+X_TEST = torch.randn(7, 5, generator=torch.Generator().manual_seed(3))
+
+
+def fitted(model, **options):
+    la = laplace.Laplace(model, "classification", **options)
+    la.fit(DataLoader(TensorDataset(X, Y), batch_size=32))
+    return la
+
+
+POSTERIORS = [
+    {"subset_of_weights": "all", "hessian_structure": "diag"},
+    {"subset_of_weights": "all", "hessian_structure": "kron"},
+    {"subset_of_weights": "last_layer", "hessian_structure": "diag"},
+    {"subset_of_weights": "last_layer", "hessian_structure": "kron"},
+    {"subset_of_weights": "last_layer", "hessian_structure": "full"},
+]
+
+
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
+@pytest.mark.parametrize("options", POSTERIORS, ids=lambda o: f"{o['subset_of_weights']}-{o['hessian_structure']}")
+def test_glm_full_equals_laplace_glm_predictive(activation, options):
+    model = make_mlp([5, 12, 10, 3], activation, seed=6)
+    la = fitted(model, prior_precision=2.0, **options)
+    cm = mp.compile(model, la, (X_TEST,), covariance="full", predictive="glm")
+    mean, cov = cm(X_TEST)
+    glm_mean, glm_cov = la._glm_predictive_distribution(X_TEST)
+    torch.testing.assert_close(mean, glm_mean.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cov, glm_cov.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cm.predict(X_TEST), la(X_TEST, pred_type="glm", link_approx="probit").detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_suq_differs_from_glm_by_the_second_order_terms():
+    """The paper's rule keeps the input-variance x weight-variance terms, so it is larger than the GLM."""
+    model = make_mlp([5, 12, 10, 3], nn.Tanh, seed=7)
+    la = fitted(model, subset_of_weights="all", hessian_structure="diag", prior_precision=1.0)
+    glm = mp.compile(model, la, (X_TEST,), covariance="full", predictive="glm")(X_TEST)[1]
+    suq = mp.compile(model, la, (X_TEST,), covariance="full")(X_TEST)[1]
+    diag = lambda c: torch.diagonal(c, dim1=-2, dim2=-1)  # noqa: E731
+    assert (diag(suq) > diag(glm)).all()
+
+
+def test_glm_diag_is_the_diagonal_recursion_of_first_order_terms():
+    """diag mode: each layer keeps only variances; first order drops v_a * S.  Written out for one hidden layer."""
+    model = make_mlp([5, 12, 3], nn.Tanh, seed=8)
+    post = {n: torch.full_like(p, 1e-2) for n, p in model.named_parameters()}
+    var = mp.compile(model, post, (X_TEST,), predictive="glm")(X_TEST)[1]
+    h = model[0](X_TEST).detach()
+    v_h = (X_TEST**2) @ post["0.weight"].T + post["0.bias"]
+    a, v_a = torch.tanh(h), (1 - torch.tanh(h) ** 2) ** 2 * v_h
+    expected = (a**2) @ post["2.weight"].T + v_a @ (model[2].weight.detach() ** 2).T + post["2.bias"]
+    torch.testing.assert_close(var, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_glm_refuses_a_full_posterior_that_couples_layers():
+    model = make_mlp([5, 6, 3], nn.Tanh, seed=9)
+    la = fitted(model, subset_of_weights="all", hessian_structure="full")
+    with pytest.raises(mp.PosteriorError, match="couples the layers"):
+        mp.compile(model, la, (X_TEST,), covariance="full", predictive="glm")
