@@ -80,20 +80,20 @@ class Row:
 # ---------------------------------------------------------------------------------------- model, posterior
 
 
-def make_mlp(seed: int = 0) -> nn.Sequential:
+def make_mlp(seed: int = 0, sizes: Sequence[int] = SIZES) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
-        if i < len(SIZES) - 2:
+        if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
 
 
-def make_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(seed: int = 0, sizes: Sequence[int] = SIZES) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N_TRAIN, SIZES[0], generator=g)
-    teacher = torch.randn(SIZES[0], SIZES[-1], generator=g)
+    x = torch.randn(N_TRAIN, sizes[0], generator=g)
+    teacher = torch.randn(sizes[0], sizes[-1], generator=g)
     return x, (x @ teacher).argmax(1)
 
 
@@ -120,10 +120,11 @@ def fit_laplace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, structure: s
     return la
 
 
-def export_compiled(model: nn.Module, la, x: torch.Tensor, path: str) -> str:
+def export_compiled(model: nn.Module, la, x: torch.Tensor, path: str, **options) -> str:
+    """``momentprop.compile(model, la, example_inputs=(x,), **options)`` written to ``path`` as ONNX."""
     import momentprop as mp
 
-    cm = mp.compile(model, la, example_inputs=(x,))
+    cm = mp.compile(model, la, example_inputs=(x,), **options)
     return str(cm.to_onnx(path))
 
 
@@ -244,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     import onnxruntime as ort
 
     start = time.perf_counter()
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load_start = load_average()
     x_train, y_train = make_data()
     model = train(make_mlp(), x_train, y_train)
     example = x_train[:2]
@@ -318,14 +319,24 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     if args.quick:
         print(f"(--quick: batch 32 only, {2 * repeats} rounds, {n_samples} samples; figures are a smoke test, not a measurement)")
     print(format_table(rows))
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"setup (fit + compile + export) {setup_s:.1f} s, total {time.perf_counter() - start:.1f} s; "
-          f"1-min load average {load_start:.1f} at start, {load_end:.1f} at end")
-    if max(load_start, load_end - args.threads) > max(1.0, 0.5 * (os.cpu_count() or 1)):
-        # the load at the end includes this benchmark's own threads
-        print("warning: other processes were using the CPUs; torch's thread pool suffers most from that (many short "
-              "parallel regions wait for a descheduled thread), so laplace-torch times and speed-ups are inflated")
+          + load_note(load_start, args.threads))
     return rows
+
+
+def load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def load_note(load_start: float, threads: int) -> str:
+    """The 1-minute load average at start and now, plus a warning line when other processes used the CPUs."""
+    load_end = load_average()
+    note = f"1-min load average {load_start:.1f} at start, {load_end:.1f} at end"
+    if max(load_start, load_end - threads) > max(1.0, 0.5 * (os.cpu_count() or 1)):
+        # the load at the end includes this benchmark's own threads
+        note += ("\nwarning: other processes were using the CPUs; torch's thread pool suffers most from that (many "
+                 "short parallel regions wait for a descheduled thread), so laplace-torch times and speed-ups are inflated")
+    return note
 
 
 if __name__ == "__main__":

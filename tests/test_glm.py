@@ -72,3 +72,37 @@ def test_glm_refuses_a_full_posterior_that_couples_layers():
     la = fitted(model, subset_of_weights="all", hessian_structure="full")
     with pytest.raises(mp.PosteriorError, match="couples the layers"):
         mp.compile(model, la, (X_TEST,), covariance="full", predictive="glm")
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_glm_on_bert_with_the_last_feed_forward_block_and_head_random(structure):
+    """A small BERT classifier, its last block's feed-forward weights, the pooler and the classifier random:
+    equal to laplace-torch's GLM predictive (each token's feed-forward is applied per token, so no cross-token
+    covariance is involved; a random attention block would need it, see the README)."""
+    import transformers
+
+    torch.manual_seed(2)
+    config = transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=50, num_labels=3
+    )
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.BertForSequenceClassification(config)
+
+        def forward(self, ids):
+            return self.m(ids).logits
+
+    model = Logits().eval()
+    random = ("m.bert.encoder.layer.1.intermediate.", "m.bert.encoder.layer.1.output.dense.", "m.bert.pooler.", "m.classifier.")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(random))
+    ids, labels = torch.randint(0, 50, (64, 6)), torch.randint(0, 3, (64,))
+    la = laplace.Laplace(model, "classification", subset_of_weights="all", hessian_structure=structure, prior_precision=5.0)
+    la.fit(DataLoader(TensorDataset(ids, labels), batch_size=16))
+    test_ids = torch.randint(0, 50, (5, 6))
+    mean, cov = mp.compile(model, la, (test_ids,), covariance="full", predictive="glm")(test_ids)
+    glm_mean, glm_cov = la._glm_predictive_distribution(test_ids)
+    torch.testing.assert_close(mean, glm_mean.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cov, glm_cov.detach(), rtol=1e-4, atol=1e-6)
