@@ -26,7 +26,7 @@ before, with the high-water mark reset and ``malloc_trim(0)`` just before.  For 
 its whole chunk loop.  Memory held before the call (model, posterior, ORT session) is not counted; the RSS that
 creating the ORT session adds is printed separately.
 
-Run ``python benchmarks/bench_glm.py`` (about 3-4 minutes on 2 cores), ``--quick`` for a smoke run (~1 min:
+Run ``python benchmarks/bench_glm.py`` (1-2 minutes on 2 cores), ``--quick`` for a smoke run (under a minute:
 250 points, one chunk).
 """
 
