@@ -22,10 +22,12 @@ from .registry import RuleContext, register
 aten = torch.ops.aten
 
 
-def _softmax_moment(x: Moment, dim: int, probs: Tensor) -> Moment:
+def _softmax_moment(x: Moment, dim: int, probs: Tensor, full: bool) -> Moment:
     """Linearised softmax along ``dim``: ``J = diag(p) - p p^T``.  diag: ``Var y_i = p_i^2 (v_i (1 - 2 p_i) +
     sum_j p_j^2 v_j)`` (exactly ``sum_j J_ij^2 v_j``); full along the last dim: ``J Sigma J^T``."""
     last = dim % probs.dim() == probs.dim() - 1
+    if full and last:
+        x = x.as_full()
     if x.full and last:
         jac = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
         return Moment(probs, jac @ x.var @ jac.mT, True)
@@ -40,7 +42,7 @@ def softmax(ctx: RuleContext, x: Moment, dim: int, half_or_dtype=None) -> Moment
     probs = torch.softmax(x.mean, dim)
     if ctx.attention == "paper":
         return probs
-    return _softmax_moment(x, dim, probs)
+    return _softmax_moment(x, dim, probs, ctx.covariance == "full")
 
 
 @register(aten.scaled_dot_product_attention.default)

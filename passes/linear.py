@@ -104,6 +104,8 @@ def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: KronWeight | De
 def _finish(mean: Tensor, elementwise: Tensor | None, cov: Tensor | None, full_out: bool) -> Moment | Tensor:
     if elementwise is None and cov is None:  # nothing random reached the product
         return mean
+    if cov is None:  # exactly diagonal (say, a deterministic input): keep it diagonal, never form diag_embed
+        full_out = False
     if not full_out:
         return Moment(mean, broadcast_to(elementwise, mean.shape), False)
     if elementwise is not None:

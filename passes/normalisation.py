@@ -52,7 +52,7 @@ def layer_norm(ctx: RuleContext, x, normalized_shape, weight=None, bias=None, ep
     mean = aten.layer_norm.default(x_mean, normalized_shape, mean_of(weight), mean_of(bias), eps)
     inv_std = torch.rsqrt(x_mean.var(dim=dims, unbiased=False, keepdim=True) + eps)
     z = (x_mean - x_mean.mean(dim=dims, keepdim=True)) * inv_std
-    out = _normalised_moment(x, z, inv_std, dims) if is_random(x) else z
+    out = _normalised_moment(x, z, inv_std, dims, ctx.covariance == "full") if is_random(x) else z
     if weight is not None:
         out = mul(ctx, out, weight)
     if bias is not None:
@@ -60,10 +60,12 @@ def layer_norm(ctx: RuleContext, x, normalized_shape, weight=None, bias=None, ep
     return out.with_tangent(mean, out.tangent) if out.tangent is not None else Moment(mean, out.var, out.full)
 
 
-def _normalised_moment(x: Moment, z: Tensor, inv_std: Tensor, dims: tuple[int, ...]) -> Moment:
+def _normalised_moment(x: Moment, z: Tensor, inv_std: Tensor, dims: tuple[int, ...], full: bool) -> Moment:
     n = 1
     for d in dims:
         n *= z.shape[d]
+    if full and len(dims) == 1:  # centring and scaling correlate the entries, even of a diagonal input
+        x = x.as_full()
     if x.full and len(dims) == 1:
         eye = torch.eye(n, dtype=z.dtype, device=z.device)
         jac = (eye - (1.0 + z.unsqueeze(-1) * z.unsqueeze(-2)) / n) * inv_std.unsqueeze(-1)
