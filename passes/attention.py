@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .linear import matmul
-from .moment import Moment, is_random, mean_of
+from .moment import Moment, diagonal_matrix, is_random, mean_of
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -29,11 +29,11 @@ def _softmax_moment(x: Moment, dim: int, probs: Tensor, full: bool) -> Moment:
     if full and last:
         x = x.as_full()
     if x.full and last:
-        jac = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+        jac = diagonal_matrix(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
         return Moment(probs, jac @ x.var @ jac.mT, True)
     v = x.variance()
     var = probs * probs * (v * (1.0 - 2.0 * probs) + (probs * probs * v).sum(dim, keepdim=True))
-    return Moment(probs, torch.diag_embed(var) if x.full else var, x.full)
+    return Moment(probs, diagonal_matrix(var) if x.full else var, x.full)
 
 
 @register(aten._softmax.default, aten.softmax.int)

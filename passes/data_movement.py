@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .moment import Moment, is_random, promote, same_shape
+from .moment import Moment, diagonal_matrix, is_random, promote, same_shape
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -37,7 +37,7 @@ def def_structural(op, full_cov: Callable[..., Tensor | None] | None = None, var
             return Moment(mean, var_op(x.var, *args, **kwargs), False)
         cov = full_cov(x.var, mean, *args, **kwargs) if full_cov is not None else None
         if cov is None:
-            cov = torch.diag_embed(var_op(x.variance(), *args, **kwargs))
+            cov = diagonal_matrix(var_op(x.variance(), *args, **kwargs))
         return Moment(mean, cov, True)
 
     rule.__name__ = f"move_{op.__name__.replace('.', '_')}"
@@ -179,4 +179,4 @@ def embedding(ctx: RuleContext, weight: Moment, indices, padding_idx: int = -1, 
     for a diagonal posterior; full mode gets the diagonal covariance of the looked-up entries)."""
     mean = aten.embedding.default(weight.mean, indices, padding_idx)
     var = aten.embedding.default(weight.variance(), indices, padding_idx)
-    return Moment(mean, torch.diag_embed(var) if ctx.covariance == "full" else var, ctx.covariance == "full")
+    return Moment(mean, diagonal_matrix(var) if ctx.covariance == "full" else var, ctx.covariance == "full")

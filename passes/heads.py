@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from .moment import diagonal_matrix
+
 
 def diagonal(variance_or_cov: Tensor, full: bool) -> Tensor:
     return torch.diagonal(variance_or_cov, dim1=-2, dim2=-1) if full else variance_or_cov
@@ -59,5 +61,5 @@ def class_probabilities(mean: Tensor, variance_or_cov: Tensor, full: bool, link:
     """The classification head: probit on the variances, or the Laplace bridge on the covariance."""
     if link == "probit":
         return probit(mean, diagonal(variance_or_cov, full))
-    cov = variance_or_cov if full else torch.diag_embed(variance_or_cov)
+    cov = variance_or_cov if full else diagonal_matrix(variance_or_cov)
     return laplace_bridge(mean, cov, normalise=link == "bridge_norm")

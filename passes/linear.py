@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .moment import Moment, broadcast_to, is_random, mean_of
+from .moment import Moment, broadcast_to, diagonal_matrix, is_random, mean_of
 from .registry import RuleContext, register
 from .weights import DenseWeight, KronWeight
 
@@ -109,7 +109,7 @@ def _finish(mean: Tensor, elementwise: Tensor | None, cov: Tensor | None, full_o
     if not full_out:
         return Moment(mean, broadcast_to(elementwise, mean.shape), False)
     if elementwise is not None:
-        cov = _accumulate(cov, torch.diag_embed(broadcast_to(elementwise, mean.shape)))
+        cov = _accumulate(cov, diagonal_matrix(broadcast_to(elementwise, mean.shape)))
     return Moment(mean, broadcast_to(cov, (*mean.shape, mean.shape[-1])), True)
 
 

@@ -43,8 +43,8 @@ class Moment:
         jac = 1.0 if self.tangent is None else self.tangent
         if not self.full:
             return Moment(self.mean, broadcast_to(_squared(jac) * self.var, self.mean.shape), False)
-        if isinstance(jac, Tensor):
-            cov = jac.unsqueeze(-1) * jac.unsqueeze(-2) * self.var
+        if isinstance(jac, Tensor):  # J Sigma J as two broadcast products: no (C, C) mask is formed
+            cov = (jac.unsqueeze(-1) * self.var) * jac.unsqueeze(-2)
         else:
             cov = (jac * jac) * self.var
         size = self.feature_size
@@ -59,7 +59,7 @@ class Moment:
         """Covariance over the last dimension; a diagonal moment becomes a diagonal matrix."""
         if self.full:
             return self.materialised()
-        return Moment(self.mean, torch.diag_embed(self.variance()), True)
+        return Moment(self.mean, diagonal_matrix(self.variance()), True)
 
     def with_tangent(self, mean: Tensor, tangent: Tangent) -> "Moment":
         """A new value of the same root: ``mean`` with Jacobian ``tangent`` relative to ``self.var``."""
@@ -85,6 +85,13 @@ def same_shape(a, b) -> bool:
 def broadcast_to(t: Tensor, shape) -> Tensor:
     """``t`` expanded to ``shape`` as a contiguous tensor (a no-op when it already has that shape)."""
     return t if same_shape(t.shape, shape) else t.expand(shape).contiguous()
+
+
+def diagonal_matrix(variance: Tensor) -> Tensor:
+    """``diag_embed`` written as a product with the identity: ONNX Runtime runs the exported diag_embed as a
+    Where over an identity mask, several times slower on (batch, C, C) tensors."""
+    eye = torch.eye(variance.shape[-1], dtype=variance.dtype, device=variance.device)
+    return variance.unsqueeze(-1) * eye
 
 
 def is_random(value: object) -> bool:
@@ -133,7 +140,7 @@ def linear_combination(mean: Tensor, terms: list[tuple[Tensor | float, Moment]])
             part = m.var
         elif full and isinstance(jac, Tensor):
             jac_b = torch.broadcast_to(jac, mean.shape)
-            part = jac_b.unsqueeze(-1) * jac_b.unsqueeze(-2) * m.var
+            part = (jac_b.unsqueeze(-1) * m.var) * jac_b.unsqueeze(-2)
         else:
             part = _squared(jac) * m.var
         total = part if total is None else total + part

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .elementwise import add, mul, sub
-from .moment import Moment, is_random, mean_of
+from .moment import Moment, diagonal_matrix, is_random, mean_of
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -73,7 +73,7 @@ def _normalised_moment(x: Moment, z: Tensor, inv_std: Tensor, dims: tuple[int, .
     v = x.variance()
     s0, s1, s2 = (v.sum(dims, keepdim=True), (z * v).sum(dims, keepdim=True), (z * z * v).sum(dims, keepdim=True))
     var = (v * (1.0 - 2.0 * (1.0 + z * z) / n) + (s0 + 2.0 * z * s1 + z * z * s2) / (n * n)) * inv_std * inv_std
-    return Moment(z, torch.diag_embed(var) if x.full else var, x.full)
+    return Moment(z, diagonal_matrix(var) if x.full else var, x.full)
 
 
 @register(aten.native_layer_norm.default)

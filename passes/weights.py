@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .moment import Moment
+from .moment import Moment, diagonal_matrix
 
 
 def second_moment_input(a: object) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -77,7 +77,7 @@ class DenseWeight(Moment):
             cov = None if cov is None else torch.nn.functional.pad(cov, (0, 1, 0, 1))
         second = mean.unsqueeze(-1) * mean.unsqueeze(-2)
         if var is not None:
-            second = second + torch.diag_embed(var)
+            second = second + diagonal_matrix(var)
         if cov is not None:
             second = second + cov
         n = second.shape[-1]
