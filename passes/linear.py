@@ -15,6 +15,8 @@ A diagonal input with a full output (the last layer under ``output_covariance=Tr
 ``M^T diag(v_a) M`` without forming ``diag(v_a)``.  A random right operand whose rows carry a full covariance
 (the values in attention) adds ``Cov(out_j, out_l) = sum_k E[a_k^2] Sigma_w[k, j, l]`` instead of the
 diagonal term (the paper's rule for ``softmax(QK^T) V`` when the attention weights are deterministic).
+Weights with correlated entries (Kronecker factors, dense blocks of a full posterior; ``weights.py``) go through
+``structured_linear``.  A result whose covariance is exactly diagonal stays a diagonal moment even in full mode.
 """
 
 from __future__ import annotations
