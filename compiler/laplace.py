@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import PosteriorError
-from .posterior import Dense, FullCovariance, Kron, Posterior
+from .posterior import Dense, FullCovariance, Kron, Posterior, split_flat
 
 
 def is_laplace(obj: object) -> bool:
@@ -68,20 +68,12 @@ def _subnetwork_indices(la) -> torch.Tensor | None:
     return torch.as_tensor(indices).long()
 
 
-def _split(flat: torch.Tensor, params: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    out, offset = {}, 0
-    for name, p in params:
-        out[name] = flat[offset: offset + p.numel()].reshape(p.shape)
-        offset += p.numel()
-    return out
-
-
 def _diag(la, params) -> Posterior:
     variance = la.posterior_variance.detach()
     indices = _subnetwork_indices(la)
     if indices is not None:
         variance = torch.zeros(sum(p.numel() for _, p in params), dtype=variance.dtype).index_put((indices,), variance)
-    return _split(variance, params)
+    return split_flat(variance, params)
 
 
 def _kron(la, params) -> Posterior:

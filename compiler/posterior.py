@@ -138,8 +138,13 @@ def _from_flat(model: nn.Module, flat: torch.Tensor) -> Posterior:
             f"({expected} for {len(trainable)} tensors that require grad, in model.parameters() order); "
             f"got shape {tuple(flat.shape)}"
         )
+    return split_flat(flat, trainable)
+
+
+def split_flat(flat: torch.Tensor, params: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A flat vector over ``params`` (each tensor row-major, in order) as ``{name: tensor of its shape}``."""
     result, offset = {}, 0
-    for name, p in trainable:
+    for name, p in params:
         result[name] = flat[offset: offset + p.numel()].reshape(p.shape)
         offset += p.numel()
     return result
@@ -151,16 +156,13 @@ def _from_ivon(model: nn.Module, optimizer) -> Posterior:
     for group in optimizer.param_groups:
         if "hess" not in group:
             raise PosteriorError("the IVON optimizer has no Hessian estimate yet; train with it before compiling")
+        if any(id(p) not in by_id for p in group["params"]):
+            raise PosteriorError(
+                "the IVON optimizer holds parameters that are not in this model; pass the optimizer that "
+                "trained this model"
+            )
         variance = 1.0 / (group["ess"] * (group["hess"] + group["weight_decay"]))
-        offset = 0
-        for p in group["params"]:
-            if id(p) not in by_id:
-                raise PosteriorError(
-                    "the IVON optimizer holds parameters that are not in this model; pass the optimizer that "
-                    "trained this model"
-                )
-            result[by_id[id(p)]] = variance[offset: offset + p.numel()].reshape(p.shape)
-            offset += p.numel()
+        result.update(split_flat(variance, [(by_id[id(p)], p) for p in group["params"]]))
     return result
 
 
