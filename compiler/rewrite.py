@@ -9,7 +9,6 @@ no variance never appear in it.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -122,7 +121,7 @@ class MomentInterpreter(nn.Module):
                     continue
                 if name not in self.random_parameters:
                     self.random_parameters.append(name)
-                    self._register_posterior(name, posterior[name], state[spec.target].dtype)
+                    self._register_posterior(name, posterior[name], state[spec.target])
                 self.bindings.append(("moment", mean_key, name))
             elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
                 key = _buffer_name("const", spec.target)
@@ -141,14 +140,21 @@ class MomentInterpreter(nn.Module):
         if config.likelihood == "regression":
             self.register_buffer("noise_variance", torch.tensor(float(sigma_noise or 0.0) ** 2))
 
-    def _register_posterior(self, name: str, spec: ParameterPosterior, dtype: torch.dtype) -> None:
-        """Store the posterior of parameter ``name`` as buffers: a variance, or the tensors of a structure."""
-        tensors = {"var": spec} if isinstance(spec, torch.Tensor) else {
-            f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if isinstance(getattr(spec, f.name), torch.Tensor)
-        }
+    def _register_posterior(self, name: str, spec: ParameterPosterior, param: torch.Tensor) -> None:
+        """Store the posterior of parameter ``name`` as buffers, with everything that depends on the posterior
+        alone (marginal variances, rearranged blocks) computed here, once, rather than in the moment graph."""
+        if isinstance(spec, torch.Tensor):
+            tensors = {"var": spec}
+        elif isinstance(spec, Kron):
+            marginal = KronWeight.marginal_variance(spec.q_out, spec.q_in, spec.d)
+            tensors = {"var": marginal, "q_out": spec.q_out, "q_in": spec.q_in, "d": spec.d}
+        elif isinstance(spec, Dense):
+            tensors = DenseWeight.prepare(spec.block, param.shape[1])
+        else:
+            tensors = {"var": spec.cov}
         for field_name, tensor in tensors.items():
-            self.register_buffer(_buffer_name(field_name, name), tensor.to(dtype).clone())
-        self.posterior_kinds[name] = spec if not isinstance(spec, torch.Tensor) else None
+            self.register_buffer(_buffer_name(field_name, name), tensor.to(param.dtype).clone())
+        self.posterior_kinds[name] = None if isinstance(spec, torch.Tensor) else spec
 
     def _random_parameter(self, mean: torch.Tensor, name: str) -> Moment:
         """The moment of a random parameter: diagonal, or structured (its marginal variances as ``var``)."""
@@ -157,14 +163,13 @@ class MomentInterpreter(nn.Module):
         if spec is None:
             return Moment(mean, field("var"), False)
         if isinstance(spec, Kron):
-            q_out, q_in, d = field("q_out"), field("q_in"), field("d")
-            return KronWeight(mean, KronWeight.marginal_variance(q_out, q_in, d), q_out=q_out, q_in=q_in, d=d)
+            return KronWeight(mean, field("var"), q_out=field("q_out"), q_in=field("q_in"), d=field("d"))
         if isinstance(spec, Dense):
-            block = field("block")
-            n_in = mean.shape[1]
-            marginal = torch.diagonal(torch.diagonal(block, dim1=0, dim2=2), dim1=0, dim2=1)[:, :n_in]  # C[k,i,k,i]
-            return DenseWeight(mean, marginal.contiguous(), block=block, with_bias=spec.with_bias)
-        return Moment(mean, field("cov"), True)
+            return DenseWeight(
+                mean, field("var"), full_block=field("full_block"), diag_block=field("diag_block"),
+                with_bias=spec.with_bias,
+            )
+        return Moment(mean, field("var"), True)
 
     def _bind(self, binding: tuple, user_inputs, moments: dict) -> object:
         if binding[0] == "input":

@@ -65,8 +65,21 @@ class DenseWeight(Moment):
     (``n = in + 1`` when the bias is part of the block, else ``n = in``), a block of a full posterior.
     ``E_a[Cov(W~ a~ | a)]_kl = sum_ij E[a~_i a~_j] C[k, i, l, j]`` with ``a~ = [a, 1]``."""
 
-    block: Tensor = field(kw_only=True)
+    full_block: Tensor = field(kw_only=True)  # C rearranged to (i, j) x (k, l): (n * n, out * out)
+    diag_block: Tensor = field(kw_only=True)  # C[k, i, k, j] arranged (i, j) x k: (n * n, out)
     with_bias: bool = field(kw_only=True)
+
+    @staticmethod
+    def prepare(block: Tensor, n_in: int) -> dict[str, Tensor]:
+        """What the rule needs from ``C`` (out, n, out, n), computed once at compile time: the two
+        rearrangements and the marginal variances of ``W``."""
+        out, n = block.shape[0], block.shape[1]
+        diag = torch.diagonal(block, dim1=0, dim2=2)  # [i, j, k] = C[k, i, k, j]
+        return {
+            "full_block": block.permute(1, 3, 0, 2).reshape(n * n, out * out).contiguous(),
+            "diag_block": diag.reshape(n * n, out).contiguous(),
+            "var": torch.diagonal(diag, dim1=0, dim2=1)[:, :n_in].contiguous(),  # C[k, i, k, i]
+        }
 
     def noise(self, a: object, full_out: bool) -> Tensor:
         mean, var, cov = second_moment_input(a)
@@ -80,12 +93,8 @@ class DenseWeight(Moment):
             second = second + diagonal_matrix(var)
         if cov is not None:
             second = second + cov
-        n = second.shape[-1]
-        out = self.block.shape[0]
-        flat = second.reshape(*second.shape[:-2], n * n)
+        flat = second.flatten(-2)
         if full_out:
-            # C[k, i, l, j] -> (i, j, k, l): one product with the flattened second moment
-            block = self.block.permute(1, 3, 0, 2).reshape(n * n, out * out)
-            return (flat @ block).reshape(*second.shape[:-2], out, out)
-        block = torch.diagonal(self.block, dim1=0, dim2=2).reshape(n * n, out)  # [i, j, k] = C[k, i, k, j]
-        return flat @ block
+            out = self.diag_block.shape[1]
+            return (flat @ self.full_block).reshape(*second.shape[:-2], out, out)
+        return flat @ self.diag_block
