@@ -37,7 +37,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -49,7 +48,7 @@ from bench_laplace import (  # noqa: E402
     PRIOR_PRECISION, STRUCTURES, N_TRAIN, _mib, compiled_probs, export_compiled, fit_laplace, glm_call, load_average,
     load_note, make_data, make_mlp, train, with_memory,
 )
-from bench_mlp import make_session, median_ms, session_call  # noqa: E402
+from bench_mlp import make_session, median_ms, quiet_process, session_call  # noqa: E402
 
 SIZES = (784, 128, 64, 10)
 SPEED_TARGET = 1000.0
@@ -120,11 +119,7 @@ def main(argv: Sequence[str] | None = None) -> list[GlmRow]:
     args = parse_args(argv)
     points = args.points or (250 if args.quick else 1000)
     chunk = min(args.chunk, points)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    quiet_process(args.threads)
     from importlib.metadata import version
 
     import onnxruntime as ort

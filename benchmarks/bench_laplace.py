@@ -43,7 +43,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -52,7 +51,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_mlp import interleaved, make_session, median_ms, session_call  # noqa: E402
+from bench_mlp import interleaved, make_session, median_ms, quiet_process, session_call  # noqa: E402
 
 SIZES = (784, 128, 128, 10)
 N_TRAIN = 512
@@ -235,11 +234,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     repeats = args.repeats or (1 if args.quick else 3)
     n_samples = 10 if args.quick else MC_SAMPLES
     batches = (32,) if args.quick else (32, TARGET_BATCH)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    quiet_process(args.threads)
     from importlib.metadata import version
 
     import onnxruntime as ort

@@ -211,6 +211,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def quiet_process(threads: int) -> None:
+    """torch threads as ONNX Runtime's; no warnings or exporter log lines between the table rows."""
+    import logging
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
 def format_table(rows: Sequence[Row]) -> str:
     head = f"{'case':<26} {'batch':>5} {'plain ms':>10} {'compiled ms':>12} {'ratio':>8} {'target':>8}  {'result':<6} note"
     lines = [head, "-" * len(head)]
@@ -227,11 +236,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     repeats = args.repeats or (30 if args.quick else 300)
     mc_repeats = args.mc_repeats or (2 if args.quick else 7)
     mc_samples = 10 if args.quick else MC_SAMPLES
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    quiet_process(args.threads)
     import onnxruntime as ort
 
     start = time.perf_counter()

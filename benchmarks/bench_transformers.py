@@ -46,16 +46,15 @@ import resource
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_mlp import interleaved, make_session, median_ms  # noqa: E402
+from bench_mlp import interleaved, make_session, median_ms, quiet_process  # noqa: E402
 
 VARIANCE = 1e-6
 TARGET = 1.5
@@ -326,11 +325,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     if layers < RANDOM_BLOCKS:
         raise SystemExit(f"--layers must be >= {RANDOM_BLOCKS}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    quiet_process(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from importlib.metadata import version
 

@@ -104,8 +104,7 @@ class MomentInterpreter(nn.Module):
         self.graph = program.graph_module.graph
         self.config = config
         self.bindings: list[tuple] = []
-        self.random_parameters: list[str] = []
-        self.posterior_kinds: dict[str, object] = {}
+        self.posterior_kinds: dict[str, object] = {}  # random parameter -> its structure (None: diagonal)
         aliases = canonical_names(model)
         state = program.state_dict
         for spec in program.graph_signature.input_specs:
@@ -119,8 +118,7 @@ class MomentInterpreter(nn.Module):
                 if name not in posterior:
                     self.bindings.append(("tensor", mean_key))
                     continue
-                if name not in self.random_parameters:
-                    self.random_parameters.append(name)
+                if name not in self.posterior_kinds:
                     self._register_posterior(name, posterior[name], state[spec.target])
                 self.bindings.append(("moment", mean_key, name))
             elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
@@ -139,6 +137,10 @@ class MomentInterpreter(nn.Module):
         self.register_buffer("variance_scale", torch.tensor(float(variance_scale)))
         if config.likelihood == "regression":
             self.register_buffer("noise_variance", torch.tensor(float(sigma_noise or 0.0) ** 2))
+
+    @property
+    def random_parameters(self) -> list[str]:
+        return list(self.posterior_kinds)
 
     def _register_posterior(self, name: str, spec: ParameterPosterior, param: torch.Tensor) -> None:
         """Store the posterior of parameter ``name`` as buffers, with everything that depends on the posterior
