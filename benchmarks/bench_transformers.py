@@ -4,9 +4,10 @@ Two models, random weights, built from their configs (no download):
 
 1. ``GPT2LMHeadModel`` at the GPT-2 small size (12 layers, 768 wide, 12 heads, vocabulary 50257, 1024
    positions, ``use_cache=False``, SDPA attention), with a variance of 1e-6 on every weight of the last 2 blocks
-   and on the LM head.  GPT-2's LM head is tied to the token embedding (``lm_head.weight is
-   transformer.wte.weight``), so the posterior names ``transformer.wte.weight``: a tied posterior makes the
-   embedding lookup random too, and the variance then flows through *every* block, not only the last two.
+   and on the LM head, twice: ``gpt2-untied`` with ``tie_word_embeddings=False`` (only those parameters random),
+   and ``gpt2`` with the library's default tied head (``lm_head.weight is transformer.wte.weight``): there the
+   posterior names ``transformer.wte.weight``, a tied posterior makes the embedding lookup random too, and the
+   variance then flows through *every* block, not only the last two.
    Input: token ids, batch 8 x 128 tokens (batch and sequence length dynamic in both ONNX files).
 2. ``ViTForImageClassification`` at the ViT-B/16 size (12 layers, 768 wide, 12 heads, MLP 3072, 224x224 images,
    patch 16, 1000 classes), a variance of 1e-6 on every weight of the last 2 blocks and of the classifier.
@@ -82,11 +83,12 @@ class Row:
 # ------------------------------------------------------------------------------------------- models
 
 
-def make_gpt2(layers: int) -> nn.Module:
+def make_gpt2(layers: int, tied: bool = True) -> nn.Module:
     import transformers
 
     config = transformers.GPT2Config(
-        n_layer=layers, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024, use_cache=False
+        n_layer=layers, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024, use_cache=False,
+        tie_word_embeddings=tied,
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -110,11 +112,12 @@ def block_prefixes(model: nn.Module, container: str, layers: int) -> list[str]:
 
 def gpt2_posterior(model: nn.Module, layers: int) -> dict[str, torch.Tensor]:
     prefixes = tuple(block_prefixes(model, "transformer.h", layers))
-    assert model.lm_head.weight is model.transformer.wte.weight  # tied: the LM head's variance lives on wte
+    tied = model.lm_head.weight is model.transformer.wte.weight  # tied: the LM head's variance lives on wte
+    head = "transformer.wte.weight" if tied else "lm_head.weight"
     return {
         n: torch.full_like(p, VARIANCE)
         for n, p in model.named_parameters()
-        if n.startswith(prefixes) or n == "transformer.wte.weight"
+        if n.startswith(prefixes) or n == head
     }
 
 
@@ -290,7 +293,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=None, help="transformer depth (default 12; 4 with --quick); last 2 blocks random")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 8; 2 with --quick)")
     parser.add_argument("--tokens", type=int, default=128, help="GPT-2 sequence length (default 128)")
-    parser.add_argument("--models", default="gpt2,vit", help="comma-separated subset of gpt2,vit")
+    parser.add_argument("--models", default="gpt2-untied,gpt2,vit", help="comma-separated subset of gpt2-untied,gpt2,vit")
     parser.add_argument("--quick", action="store_true", help="4 layers, batch 2, 2 rounds, for a smoke run")
     parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                         help="ORT-profile both files of a model whose ratio misses the target (auto), always, or never")
@@ -344,12 +347,13 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         out_dir = args.keep or tmp
         os.makedirs(out_dir, exist_ok=True)
         for name in models:
-            if name == "gpt2":
-                model = make_gpt2(layers)
+            if name in ("gpt2", "gpt2-untied"):
+                model = make_gpt2(layers, tied=name == "gpt2")
                 post = gpt2_posterior(model, layers)
                 example = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
                 x = rng.integers(0, 50257, (batch, args.tokens), dtype=np.int64)
-                note = ("LM head tied to wte: embedding random too, so variance flows through all blocks")
+                note = ("LM head tied to wte: embedding random too, so variance flows through all blocks"
+                        if name == "gpt2" else "untied LM head: last 2 blocks + LM head random")
                 tokens = True
             elif name == "vit":
                 model = make_vit(layers)
@@ -388,8 +392,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     )
     print("ratio = median compiled / median plain ONNX Runtime latency over interleaved runs (pass/fail uses it). "
           f"peak MiB = extra peak RSS during compile + export ({method}).\n"
-          "GPT-2: the posterior names transformer.wte.weight, the LM head's tied weight; that makes the token "
-          "embedding random as well (a tied posterior), so every block propagates a variance.")
+          "GPT-2 (tied, the library's default): the posterior names transformer.wte.weight, the LM head's tied "
+          "weight; that makes the token embedding random as well, so every block propagates a variance.  "
+          "gpt2-untied: the same model with tie_word_embeddings=False, so only the last 2 blocks and the head are random.")
     if args.quick:
         print(f"(--quick: {layers} layers, batch {batch}, {repeats} rounds; figures are a smoke test, not a measurement)")
     print(format_table(rows))

@@ -71,6 +71,32 @@ def _first_output(graph: torch.fx.Graph) -> torch.fx.Node:
     return leaves[0]
 
 
+SOFTMAX = {torch.ops.aten._softmax.default, torch.ops.aten.softmax.int}
+PASS_THROUGH = {
+    torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default,
+    torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.dropout.default,
+}
+
+
+def _attention_weights(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Softmax nodes whose result (through copies and dropout) is the left operand of a matrix product: the
+    attention weights, which the paper's rule takes at the mean.  Any other softmax (a classifier's) is
+    linearised."""
+    found = set()
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in SOFTMAX:
+            continue
+        frontier = [node]
+        while frontier:
+            value = frontier.pop()
+            for user in value.users:
+                if user.target in LINEAR_FAMILY and user.args and user.args[0] is value:
+                    found.add(node)
+                elif user.target in PASS_THROUGH:
+                    frontier.append(user)
+    return found
+
+
 def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
     """``node`` and every node it depends on."""
     seen, stack = set(), [node]
@@ -134,6 +160,7 @@ class MomentInterpreter(nn.Module):
         self.output_node = _first_output(self.graph)
         self.needed = _ancestors(self.output_node)
         self.final_layer = _final_layer(self.graph, self.needed) if config.output_covariance else None
+        self.attention_weights = _attention_weights(self.graph)
         self.register_buffer("variance_scale", torch.tensor(float(variance_scale)))
         if config.likelihood == "regression":
             self.register_buffer("noise_variance", torch.tensor(float(sigma_noise or 0.0) ** 2))
@@ -194,10 +221,11 @@ class MomentInterpreter(nn.Module):
                 "posterior), replace the op by a supported one, or add a rule with "
                 "@momentprop.passes.register(<op>) (see the README, 'Adding an op')."
             )
-        if not rule.elementwise:
+        if not rule.raw:
             args, kwargs = pytree.tree_map_only(Moment, Moment.materialised, (args, kwargs))
         covariance = "full" if node is self.final_layer else self.config.covariance
-        return rule.fn(RuleContext(covariance, self.config.attention, self.config.predictive), *args, **kwargs)
+        ctx = RuleContext(covariance, self.config.attention, self.config.predictive, node in self.attention_weights)
+        return rule.fn(ctx, *args, **kwargs)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``inputs``: the model's inputs, followed by one elementwise variance per input under input_variance."""

@@ -30,7 +30,7 @@ def def_deriv(op, derivative: Callable[..., Tensor | float]) -> Callable:
 
     rule.__name__ = f"linearise_{op.__name__.replace('.', '_')}"
     rule.__doc__ = f"{op}: mean f(m), tangent f'(m) times the incoming tangent."
-    register(op, elementwise=True)(rule)
+    register(op, raw=True)(rule)
     return rule
 
 

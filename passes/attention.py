@@ -2,9 +2,12 @@
 
 The paper's rule (the default, ``ctx.attention == "paper"``): queries and keys are deterministic, computed from
 the means, so the attention weights ``A = softmax(q k^T / sqrt(d) + mask)`` carry no variance and only the
-values are random: ``Var(o_t) = sum_s A_ts^2 Var(v_s)`` (full, per head over the head dim:
-``Cov(o_t) = sum_s A_ts^2 Cov(v_s)``).  With ``attention="linearised"`` the softmax is linearised instead,
-``J = diag(p) - p p^T``, so uncertainty in queries and keys reaches the output too (beyond the paper).
+values are random.  The paper then takes ``Var(o_t) = sum_s A_ts^2 Var(v_s)``, as if every token's value had its
+own weight sample; values projected by one random ``W_v`` are correlated across tokens, and that equation is up
+to T times too small.  The product ``A @ v`` therefore uses the value projection's row-shared weight noise where
+it is known (``shared_weight.py``): ``Var(o_t) = sum_i (sum_s A_ts x_si)^2 S_di`` plus the bias and the
+token-independent rest, exact for deterministic ``A``.  With ``attention="linearised"`` the softmax is linearised
+instead, ``J = diag(p) - p p^T``, so uncertainty in queries and keys reaches the output too (beyond the paper).
 Masked keys get ``A = 0``; a query that sees no key at all gets zero variance, never NaN.
 """
 
@@ -38,9 +41,9 @@ def _softmax_moment(x: Moment, dim: int, probs: Tensor, full: bool) -> Moment:
 
 @register(aten._softmax.default, aten.softmax.int)
 def softmax(ctx: RuleContext, x: Moment, dim: int, half_or_dtype=None) -> Moment | Tensor:
-    """Softmax: deterministic at the mean under the paper's attention rule, linearised otherwise."""
+    """Softmax linearised; attention weights under the paper's rule are taken at the mean instead."""
     probs = torch.softmax(x.mean, dim)
-    if ctx.attention == "paper":
+    if ctx.attention == "paper" and ctx.attention_weights:
         return probs
     return _softmax_moment(x, dim, probs, ctx.covariance == "full")
 
@@ -51,7 +54,8 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
 ) -> Moment:
     """``softmax(q k^T * scale + mask) v`` per head: the weights from the means (paper) or linearised; the
-    values through the product rule (``A @ v`` with ``A`` deterministic gives ``sum_s A_ts^2 Cov(v_s)``)."""
+    values through the product rule (``A @ v`` with deterministic ``A``: the values' shared weight noise, or
+    ``sum_s A_ts^2 Cov(v_s)`` for values without it)."""
     q_mean, k_mean, v_mean = mean_of(q), mean_of(k), mean_of(v)
     mean = aten.scaled_dot_product_attention.default(
         q_mean, k_mean, v_mean, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa

@@ -18,23 +18,41 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .moment import Moment, diagonal_matrix, is_random, promote, same_shape
+from .moment import MatrixTangent, Moment, diagonal_matrix, is_random, promote, same_shape
+from .shared_weight import Tags, permuted, regroup, transposed
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
 
 
-def def_structural(op, full_cov: Callable[..., Tensor | None] | None = None, var_op=None) -> Callable:
+def def_structural(
+    op, full_cov: Callable[..., Tensor | None] | None = None, var_op=None,
+    moved_tags: Callable[..., Tags | None] | None = None, relabels_rows: bool = False,
+) -> Callable:
     """Register a data-movement rule: ``op`` on the mean and ``var_op`` (default ``op``) on the variance.
 
     ``full_cov(cov, mean_out, *args)`` gives the moved covariance in full mode, or ``None`` when the op
-    changes the last dimension (then only the variances are moved)."""
+    changes the last dimension (then only the variances are moved).  ``moved_tags(tags, mean_in, mean_out, *args)``
+    tells how the op moves the dimensions of a projection's shared weight noise (``shared_weight.py``); ops
+    without it drop that noise (the token-wise variance stays exact).  ``relabels_rows``: the op only regroups
+    rows (a reshape or copy that keeps the last dimension), so a matrix tangent moves with the mean and keeps
+    its root."""
     var_op = var_op or op
 
     def rule(ctx: RuleContext, x: Moment, *args, **kwargs) -> Moment:
         mean = op(x.mean, *args, **kwargs)
+        if relabels_rows and isinstance(x.tangent, MatrixTangent) and same_shape(mean.shape[-1:], x.mean.shape[-1:]):
+            j = x.tangent.j
+            if j.dim() > 2:
+                j = j.expand(*x.mean.shape, j.shape[-1]).reshape(*mean.shape, j.shape[-1])
+            return x.with_tangent(mean, MatrixTangent(j))
+        x = x.materialised()
         if not x.full:
-            return Moment(mean, var_op(x.var, *args, **kwargs), False)
+            shared = None
+            if x.shared is not None and moved_tags is not None:
+                move = lambda t: var_op(t, *args, **kwargs)  # noqa: E731
+                shared = x.shared.moved(move, moved_tags(x.shared.tags, x.mean, mean, *args, **kwargs))
+            return Moment(mean, var_op(x.var, *args, **kwargs), False, shared=shared)
         cov = full_cov(x.var, mean, *args, **kwargs) if full_cov is not None else None
         if cov is None:
             cov = diagonal_matrix(var_op(x.variance(), *args, **kwargs))
@@ -42,8 +60,16 @@ def def_structural(op, full_cov: Callable[..., Tensor | None] | None = None, var
 
     rule.__name__ = f"move_{op.__name__.replace('.', '_')}"
     rule.__doc__ = f"{op}: the variance follows the mean."
-    register(op)(rule)
+    register(op, raw=True)(rule)
     return rule
+
+
+def _reshaped_tags(tags: Tags, mean_in: Tensor, mean_out: Tensor, *args, **kwargs) -> Tags | None:
+    return regroup(tags, mean_in.shape, mean_out.shape)
+
+
+def _same_tags(tags: Tags, *args, **kwargs) -> Tags:
+    return tags
 
 
 def _last(dim: int, ndim: int) -> bool:
@@ -110,22 +136,22 @@ def _expand_cov(cov: Tensor, mean: Tensor, *args, **kwargs) -> Tensor:
 
 for _op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
     # a variance computed by another route may not share the mean's memory layout: reshape, never view
-    def_structural(_op, _view_cov, var_op=aten.reshape.default)
-def_structural(aten.permute.default, _permute_cov)
-def_structural(aten.transpose.int, _transpose_cov)
-def_structural(aten.t.default)
-def_structural(aten.unsqueeze.default, _unsqueeze_cov)
+    def_structural(_op, _view_cov, var_op=aten.reshape.default, moved_tags=_reshaped_tags, relabels_rows=True)
+def_structural(aten.permute.default, _permute_cov, moved_tags=lambda tags, x, y, dims: permuted(tags, dims))
+def_structural(aten.transpose.int, _transpose_cov, moved_tags=lambda tags, x, y, d0, d1: transposed(tags, d0, d1))
+def_structural(aten.t.default, moved_tags=lambda tags, x, y: tags[::-1])
+def_structural(aten.unsqueeze.default, _unsqueeze_cov, moved_tags=_reshaped_tags)
 for _op in (aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims):
-    def_structural(_op, _squeeze_cov)
-def_structural(aten.select.int, _select_cov)
-slice_ = def_structural(aten.slice.Tensor, _slice_cov)
-def_structural(aten.expand.default, _expand_cov)
-for _op in (aten.clone.default, aten.alias.default, aten._to_copy.default, aten.detach.default,
-            aten.lift_fresh_copy.default):
-    def_structural(_op, _same_op(_op))
+    def_structural(_op, _squeeze_cov, moved_tags=_reshaped_tags)
+def_structural(aten.select.int, _select_cov, moved_tags=lambda tags, x, y, dim, index: tags[:dim % len(tags)] + tags[dim % len(tags) + 1:])
+slice_ = def_structural(aten.slice.Tensor, _slice_cov, moved_tags=_same_tags)
+def_structural(aten.expand.default, _expand_cov, moved_tags=lambda tags, x, y, *a, **k: (frozenset(),) * (y.dim() - x.dim()) + tags)
+for _op in (aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default):
+    def_structural(_op, _same_op(_op), moved_tags=_same_tags, relabels_rows=True)
+def_structural(aten._to_copy.default, _same_op(aten._to_copy.default))  # a cast would cast the index tensors
 
 
-@register(aten.dropout.default)
+@register(aten.dropout.default, raw=True)
 def dropout(ctx: RuleContext, x: Moment, p: float = 0.5, train: bool = False) -> Moment:
     """Dropout at inference is the identity."""
     return x

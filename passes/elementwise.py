@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .moment import Moment, chain, is_random, jacobian, linear_combination, promote, same_root
+from .moment import Moment, add_tangents, chain, is_random, jacobian, linear_combination, promote, same_root
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -21,7 +21,7 @@ def _combine(mean: Tensor, a: object, b: object, d_a, d_b) -> Moment:
     if not (is_random(a) or is_random(b)):
         return mean
     if is_random(a) and is_random(b) and same_root(a, b):
-        return a.with_tangent(mean, _numeric(chain(d_a, jacobian(a)), mean) + _numeric(chain(d_b, jacobian(b)), mean))
+        return a.with_tangent(mean, add_tangents(_numeric(chain(d_a, jacobian(a)), mean), _numeric(chain(d_b, jacobian(b)), mean)))
     if not is_random(b):
         return a.with_tangent(mean, chain(d_a, jacobian(a)))
     if not is_random(a):
@@ -38,31 +38,31 @@ def _mean(x: object) -> object:
     return x.mean if is_random(x) else x
 
 
-@register(aten.add.Tensor, aten.add.Scalar, elementwise=True)
+@register(aten.add.Tensor, aten.add.Scalar, raw=True)
 def add(ctx: RuleContext, a, b, alpha=1) -> Moment:
     """``a + alpha b``: mean adds; var_a + alpha^2 var_b for independent operands (exact)."""
     return _combine(aten.add.Tensor(_mean(a), _mean(b), alpha=alpha), a, b, 1.0, float(alpha))
 
 
-@register(aten.sub.Tensor, aten.sub.Scalar, elementwise=True)
+@register(aten.sub.Tensor, aten.sub.Scalar, raw=True)
 def sub(ctx: RuleContext, a, b, alpha=1) -> Moment:
     """``a - alpha b``: var_a + alpha^2 var_b for independent operands (exact)."""
     return _combine(aten.sub.Tensor(_mean(a), _mean(b), alpha=alpha), a, b, 1.0, -float(alpha))
 
 
-@register(aten.rsub.Scalar, aten.rsub.Tensor, elementwise=True)
+@register(aten.rsub.Scalar, aten.rsub.Tensor, raw=True)
 def rsub(ctx: RuleContext, a, b, alpha=1) -> Moment:
     """``b - alpha a``."""
     return sub(ctx, b, a, alpha)
 
 
-@register(aten.neg.default, elementwise=True)
+@register(aten.neg.default, raw=True)
 def neg(ctx: RuleContext, a: Moment) -> Moment:
     """``-a``: the variance is unchanged (exact)."""
     return a.with_tangent(-a.mean, chain(-1.0, jacobian(a)))
 
 
-@register(aten.mul.Tensor, aten.mul.Scalar, elementwise=True)
+@register(aten.mul.Tensor, aten.mul.Scalar, raw=True)
 def mul(ctx: RuleContext, a, b) -> Moment:
     """``a b``. With a constant c: c^2 var (exact).  Independent random operands: the exact product
     variance ``m_a^2 v_b + m_b^2 v_a + v_a v_b`` (full: the same with outer products and Hadamard products;
@@ -77,7 +77,7 @@ def mul(ctx: RuleContext, a, b) -> Moment:
     return Moment(mean, linear.var + va.var * vb.var, linear.full)
 
 
-@register(aten.div.Tensor, aten.div.Scalar, elementwise=True)
+@register(aten.div.Tensor, aten.div.Scalar, raw=True)
 def div(ctx: RuleContext, a, b) -> Moment:
     """``a / b`` linearised: d/da = 1/m_b, d/db = -m_a/m_b^2 (exact when only ``a`` is random)."""
     mean = aten.div.Tensor(_mean(a), _mean(b))
@@ -85,14 +85,14 @@ def div(ctx: RuleContext, a, b) -> Moment:
     return _combine(mean, a, b, inv_b, -mean * inv_b if is_random(b) else 0.0)
 
 
-@register(aten.pow.Tensor_Scalar, elementwise=True)
+@register(aten.pow.Tensor_Scalar, raw=True)
 def pow_scalar(ctx: RuleContext, a: Moment, exponent) -> Moment:
     """``a^p`` linearised: derivative p a^(p-1)."""
     mean = aten.pow.Tensor_Scalar(a.mean, exponent)
     return a.with_tangent(mean, chain(exponent * aten.pow.Tensor_Scalar(a.mean, exponent - 1), jacobian(a)))
 
 
-@register(aten.pow.Tensor_Tensor, elementwise=True)
+@register(aten.pow.Tensor_Tensor, raw=True)
 def pow_tensor(ctx: RuleContext, a, b) -> Moment:
     """``a^b`` linearised in both operands: d/da = b a^(b-1), d/db = a^b log a."""
     mean = aten.pow.Tensor_Tensor(_mean(a), _mean(b))
@@ -101,7 +101,7 @@ def pow_tensor(ctx: RuleContext, a, b) -> Moment:
     return _combine(mean, a, b, d_a, d_b)
 
 
-@register(aten.where.self, elementwise=True)
+@register(aten.where.self, raw=True)
 def where(ctx: RuleContext, condition: Tensor, a, b) -> Moment:
     """``where(c, a, b)`` selects elementwise; the selected operand's variance passes unchanged (exact)."""
     if is_random(condition):
@@ -129,4 +129,4 @@ for _op in (
     aten.logical_not.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
     aten.empty_like.default, aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
 ):
-    register(_op, elementwise=True)(_no_variance(_op))
+    register(_op, raw=True)(_no_variance(_op))

@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .moment import Moment, broadcast_to, diagonal_matrix, is_random, mean_of
+from .moment import MatrixTangent, Moment, broadcast_to, diagonal_matrix, is_random, matrix_jacobian, mean_of
 from .registry import RuleContext, register
+from .shared_weight import SharedNoise
 from .weights import DenseWeight, KronWeight
 
 aten = torch.ops.aten
@@ -33,6 +34,9 @@ aten = torch.ops.aten
 
 def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float = 1.0, beta: float = 1.0):
     """Moments of ``beta * bias + alpha * (a @ w)`` whose mean the caller computed with the plain op."""
+    if _extends_tangent(ctx, a, w, bias):
+        return _through_weights(mean, a, mean_of(w), alpha)
+    a, w, bias = (t.materialised() if is_random(t) else t for t in (a, w, bias))
     full_out = ctx.covariance == "full" or any(is_random(t) and t.full for t in (a, w))
     if alpha != 1.0:
         a = _scaled(a, alpha)
@@ -40,17 +44,41 @@ def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float
     a_mean, w_mean = mean_of(a), mean_of(w)
     a_diag = is_random(a) and not a.full
 
+    if is_random(w) and not is_random(a) and w.shared is not None and w.shared.usable_as_right_operand():
+        # rows mixed by a deterministic a (attention): the row-shared weight noise, exactly
+        return _finish(mean, _accumulate(elementwise, w.shared.averaged_variance(a)), cov, full_out)
     if is_random(w) and w.full:
         cov = _accumulate(cov, torch.einsum("...ik,...kjl->...ijl", _second_moment(ctx, a), w.var))
-    elif is_random(w) and a_diag and not full_out and not ctx.first_order:
-        # m_a^2 S + v_a (M^2 + S): one product per operand; M^2 + S depends on parameters only.
+    elif is_random(w) and (not is_random(a) or (a_diag and not full_out)) and w_mean.dim() == 2 and cov is None:
+        # a weight times a deterministic or diagonal input: m_a^2 S + v_a (M^2 + S) (glm: v_a M^2) stays
+        # diagonal; the weight-noise part is kept as row-shared noise for a later product that mixes rows
         w_var = w.variance()
         elementwise = _accumulate(elementwise, (a_mean * a_mean) @ w_var)
-        return _finish(mean, _accumulate(elementwise, a.var @ (w_mean * w_mean + w_var)), None, False)
+        rest = None
+        if is_random(a):
+            rest = a.var @ (w_mean * w_mean if ctx.first_order else w_mean * w_mean + w_var)
+        out = _finish(mean, _accumulate(elementwise, rest) if rest is not None else elementwise, None, False)
+        bias_var = None if not is_random(bias) else (bias.variance() if beta == 1.0 else beta * beta * bias.variance())
+        shared = SharedNoise.of_projection(a_mean, w_var, bias_var, rest, mean.shape)
+        return Moment(out.mean, out.var, False, shared=shared)
     elif is_random(w):
         elementwise = _accumulate(elementwise, _second_moment(ctx, a) @ w.variance())
     elementwise, cov = _input_terms(a, w_mean, elementwise, cov, full_out)
     return _finish(mean, elementwise, cov, full_out)
+
+
+def _extends_tangent(ctx: RuleContext, a, w, bias) -> bool:
+    """Full covariance, a random input, deterministic weights: the input's tangent is extended instead."""
+    if not is_random(a) or is_random(w) or is_random(bias) or w.dim() != 2:
+        return False
+    return ctx.covariance == "full" or a.full or isinstance(a.tangent, MatrixTangent)
+
+
+def _through_weights(mean: Tensor, a: Moment, w: Tensor, alpha: float) -> Moment:
+    """``a @ w`` for deterministic ``w``: the tangent ``J <- w^T J`` on the same root (see moment.py)."""
+    a = a.rooted_per_row()
+    left = w.mT if alpha == 1.0 else alpha * w.mT
+    return Moment(mean, a.var, a.full, matrix_jacobian(a, left))
 
 
 def _second_moment(ctx: RuleContext, a) -> Tensor:
@@ -91,6 +119,7 @@ def _input_terms(a, w_mean: Tensor, elementwise, cov, full_out: bool):
 def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: KronWeight | DenseWeight, bias) -> Moment:
     """``x W^T + b`` for a weight with correlated entries: the weight noise ``E_x[Cov(W x | x)]`` from its
     structure, plus the input noise and the bias as for any weight."""
+    x = x.materialised() if is_random(x) else x
     full_out = ctx.covariance == "full" or (is_random(x) and x.full)
     joint_bias = isinstance(weight, DenseWeight) and weight.with_bias
     elementwise, cov = _bias_terms(None if joint_bias else bias, 1.0, full_out)
@@ -132,7 +161,7 @@ def _transposed(w):
     return Moment(w.mean.mT, w.variance().mT, False)
 
 
-@register(aten.linear.default)
+@register(aten.linear.default, raw=True)
 def linear(ctx: RuleContext, x, weight, bias=None) -> Moment:
     """``x W^T + b`` (torch layout: W is (out, in))."""
     mean = aten.linear.default(mean_of(x), mean_of(weight), mean_of(bias))
@@ -141,14 +170,14 @@ def linear(ctx: RuleContext, x, weight, bias=None) -> Moment:
     return product_moment(ctx, mean, x, _transposed(weight), bias)
 
 
-@register(aten.addmm.default)
+@register(aten.addmm.default, raw=True)
 def addmm(ctx: RuleContext, bias, a, w, beta=1, alpha=1) -> Moment:
     """``beta b + alpha (a @ w)`` (GPT-2's Conv1D stores w as (in, out))."""
     mean = aten.addmm.default(mean_of(bias), mean_of(a), mean_of(w), beta=beta, alpha=alpha)
     return product_moment(ctx, mean, a, w, bias, alpha=float(alpha), beta=float(beta))
 
 
-@register(aten.mm.default, aten.bmm.default, aten.matmul.default)
+@register(aten.mm.default, aten.bmm.default, aten.matmul.default, raw=True)
 def matmul(ctx: RuleContext, a, w) -> Moment:
     """``a @ w`` with independent operands; a random left operand's covariance is over its last dim."""
     mean = torch.matmul(mean_of(a), mean_of(w))

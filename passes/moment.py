@@ -11,18 +11,37 @@ Elementwise rules extend the tangent by the chain rule instead of materialising 
 op, so a composite activation such as ``x * sigmoid(x)`` or GPT-2's tanh-GELU is linearised as ONE function
 (pushing variance through each of its ops with independence assumptions is about 10x off).  Two operands
 with the same root are recognised by the identity of their ``var`` tensor.
+
+In full mode the tangent may also be a matrix, :class:`MatrixTangent` ``J (..., C, R)``: the tensor is
+``mean + J eps`` with ``eps`` a root of ``R`` features per row.  Products with deterministic weights, LayerNorm
+and row reshapes extend it (``J <- W J``) instead of forming ``W Sigma W^T``, so a residual block
+``h + f(h)`` keeps the covariance between its two branches: ``(I + J_f) Sigma (I + J_f)^T``, where independent
+branches would give ``Sigma + J_f Sigma J_f^T``.  The root's variance keeps its own row layout; it is reshaped to
+the tangent's rows when the moment is materialised.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-Tangent = Union[Tensor, float, None]
+if TYPE_CHECKING:
+    from .shared_weight import SharedNoise
+
+
+
+@dataclass(frozen=True, eq=False)
+class MatrixTangent:
+    """A pending Jacobian ``j`` of shape ``(..., C, R)`` (leading dims may be absent: one J for every row)."""
+
+    j: Tensor
+
+
+Tangent = Union[Tensor, float, MatrixTangent, None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,6 +50,7 @@ class Moment:
     var: Tensor
     full: bool = False
     tangent: Tangent = None
+    shared: "SharedNoise | None" = None  # a projection's row-shared weight noise (shared_weight.py), diag only
 
     @property
     def feature_size(self) -> int:
@@ -38,9 +58,11 @@ class Moment:
 
     def materialised(self) -> "Moment":
         """The same Gaussian with the tangent folded into ``var`` and ``var`` shaped like ``mean``."""
-        if self.tangent is None and self._var_has_mean_shape():
+        if self.tangent is None and self.var_has_mean_shape():
             return self
         jac = 1.0 if self.tangent is None else self.tangent
+        if isinstance(jac, MatrixTangent):
+            return self._materialised_matrix(jac.j)
         if not self.full:
             return Moment(self.mean, broadcast_to(_squared(jac) * self.var, self.mean.shape), False)
         if isinstance(jac, Tensor):  # J Sigma J as two broadcast products: no (C, C) mask is formed
@@ -50,6 +72,14 @@ class Moment:
         size = self.feature_size
         return Moment(self.mean, broadcast_to(cov, (*self.mean.shape, size)), True)
 
+    def _materialised_matrix(self, j: Tensor) -> "Moment":
+        rows, size = self.mean.shape[:-1], j.shape[-1]
+        if self.full:
+            cov = j @ self.var.reshape(*rows, size, size) @ j.mT
+        else:
+            cov = (j * self.var.reshape(*rows, 1, size)) @ j.mT
+        return Moment(self.mean, broadcast_to(cov, (*self.mean.shape, self.feature_size)), True)
+
     def variance(self) -> Tensor:
         """Elementwise variance, shaped like ``mean``."""
         m = self.materialised()
@@ -57,15 +87,21 @@ class Moment:
 
     def as_full(self) -> "Moment":
         """Covariance over the last dimension; a diagonal moment becomes a diagonal matrix."""
-        if self.full:
-            return self.materialised()
-        return Moment(self.mean, diagonal_matrix(self.variance()), True)
+        m = self.materialised()
+        return m if m.full else Moment(m.mean, diagonal_matrix(m.var), True)
 
     def with_tangent(self, mean: Tensor, tangent: Tangent) -> "Moment":
         """A new value of the same root: ``mean`` with Jacobian ``tangent`` relative to ``self.var``."""
         return Moment(mean, self.var, self.full, tangent)
 
-    def _var_has_mean_shape(self) -> bool:
+    def rooted_per_row(self) -> "Moment":
+        """This moment with a root laid out per row (a root shared by every row, such as a bias, is expanded):
+        what a matrix tangent needs."""
+        if isinstance(self.tangent, MatrixTangent) or self.var_has_mean_shape():
+            return self
+        return self.materialised()
+
+    def var_has_mean_shape(self) -> bool:
         expected = (*self.mean.shape, self.feature_size) if self.full else tuple(self.mean.shape)
         return same_shape(self.var.shape, expected)
 
@@ -107,13 +143,45 @@ def jacobian(m: Moment) -> Tensor | float:
     return 1.0 if m.tangent is None else m.tangent
 
 
-def chain(derivative: Tensor | float, tangent: Tensor | float) -> Tensor | float:
-    """``derivative * tangent``, skipping multiplications by exactly 1 so the graph stays small."""
+def chain(derivative: Tensor | float, tangent: Tangent) -> Tangent:
+    """``derivative * tangent`` (an elementwise derivative scales the rows of a matrix tangent), skipping
+    multiplications by exactly 1 so the graph stays small."""
     if isinstance(derivative, float) and derivative == 1.0:
         return tangent
+    if isinstance(tangent, MatrixTangent):
+        if isinstance(derivative, Tensor):
+            derivative = derivative.to(tangent.j.dtype).unsqueeze(-1)
+        return MatrixTangent(derivative * tangent.j)
     if isinstance(tangent, float) and tangent == 1.0:
         return derivative
     return derivative * tangent
+
+
+def add_tangents(a: Tangent, b: Tangent) -> Tangent:
+    """The tangent of a sum of two values of one root; an elementwise tangent next to a matrix one is a diagonal
+    matrix."""
+    if not isinstance(a, MatrixTangent) and not isinstance(b, MatrixTangent):
+        return a + b
+    like = (a if isinstance(a, MatrixTangent) else b).j
+    a, b = (_as_matrix(t, like) for t in (a, b))
+    return MatrixTangent(a.j + b.j)
+
+
+def _as_matrix(tangent: Tangent, like: Tensor) -> MatrixTangent:
+    if isinstance(tangent, MatrixTangent):
+        return tangent
+    eye = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
+    return MatrixTangent(tangent.unsqueeze(-1) * eye if isinstance(tangent, Tensor) else tangent * eye)
+
+
+def matrix_jacobian(m: Moment, left: Tensor) -> MatrixTangent:
+    """The tangent of ``left @ x`` (``left``: (..., C_out, C)) for a moment ``x`` with any tangent."""
+    tangent = m.tangent
+    if isinstance(tangent, MatrixTangent):
+        return MatrixTangent(left @ tangent.j)
+    if isinstance(tangent, Tensor):
+        return MatrixTangent(left * tangent.to(left.dtype).unsqueeze(-2))
+    return MatrixTangent(left if tangent is None else tangent * left)
 
 
 def same_root(a: Moment, b: Moment) -> bool:
@@ -122,9 +190,10 @@ def same_root(a: Moment, b: Moment) -> bool:
 
 def promote(*moments: Moment) -> tuple[Moment, ...]:
     """Materialise moments and bring them to one kind: full if any of them is full."""
+    moments = tuple(m.materialised() for m in moments)
     if any(m.full for m in moments):
         return tuple(m.as_full() for m in moments)
-    return tuple(m.materialised() for m in moments)
+    return moments
 
 
 def linear_combination(mean: Tensor, terms: list[tuple[Tensor | float, Moment]]) -> Moment:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .elementwise import add, mul, sub
-from .moment import Moment, diagonal_matrix, is_random, mean_of
+from .moment import MatrixTangent, Moment, diagonal_matrix, is_random, matrix_jacobian, mean_of
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -38,7 +38,7 @@ def batch_norm(ctx: RuleContext, x, weight, bias, running_mean, running_var, mom
     return out, empty, empty
 
 
-@register(aten.layer_norm.default)
+@register(aten.layer_norm.default, raw=True)
 def layer_norm(ctx: RuleContext, x, normalized_shape, weight=None, bias=None, eps: float = 1e-5, cudnn_enable=True):
     """LayerNorm linearised at the mean input, statistics included: with ``z = (m - mu(m)) / sigma(m)`` over
     the n normalised entries, ``J = (I - 1 1^T / n - z z^T / n) / sigma``, so ``Cov z = J Sigma J^T`` (full)
@@ -64,12 +64,13 @@ def _normalised_moment(x: Moment, z: Tensor, inv_std: Tensor, dims: tuple[int, .
     n = 1
     for d in dims:
         n *= z.shape[d]
-    if full and len(dims) == 1:  # centring and scaling correlate the entries, even of a diagonal input
-        x = x.as_full()
-    if x.full and len(dims) == 1:
+    full = len(dims) == 1 and (full or x.full or isinstance(x.tangent, MatrixTangent))
+    if full:  # centring and scaling correlate the entries, even of a diagonal input: J extends the tangent
         eye = torch.eye(n, dtype=z.dtype, device=z.device)
         jac = (eye - (1.0 + z.unsqueeze(-1) * z.unsqueeze(-2)) / n) * inv_std.unsqueeze(-1)
-        return Moment(z, jac @ x.var @ jac.mT, True)
+        x = x.rooted_per_row()
+        return Moment(z, x.var, x.full, matrix_jacobian(x, jac))
+    x = x.materialised()
     v = x.variance()
     s0, s1, s2 = (v.sum(dims, keepdim=True), (z * v).sum(dims, keepdim=True), (z * z * v).sum(dims, keepdim=True))
     var = (v * (1.0 - 2.0 * (1.0 + z * z) / n) + (s0 + 2.0 * z * s1 + z * z * s2) / (n * n)) * inv_std * inv_std

@@ -3,8 +3,8 @@
 A rule has the signature ``rule(ctx, *args, **kwargs)`` mirroring the op's ATen schema, where every tensor
 argument is either a plain tensor (deterministic) or a :class:`Moment`.  The driver only calls a rule when at
 least one argument is a moment; ops on deterministic values run unchanged.  Rules registered with
-``elementwise=True`` receive moments as they are (possibly with a pending tangent); all others receive
-materialised moments.
+``raw=True`` receive moments as they are (possibly with a pending tangent) and fold or extend the tangent
+themselves; all others receive materialised moments.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ class RuleContext:
     Bayesian linear layer on a deterministic input); rules that transform a moment keep its kind.
     ``attention`` is ``"paper"`` (attention weights from the means) or ``"linearised"`` (see attention.py).
     ``predictive`` is ``"suq"`` (the paper's moment matching) or ``"glm"`` (first order in the weights).
+    ``attention_weights``: the node is a softmax whose result weighs values in a matrix product (attention).
     """
 
     covariance: Covariance = "diag"
     attention: str = "paper"
     predictive: str = "suq"
+    attention_weights: bool = False
 
     @property
     def first_order(self) -> bool:
@@ -41,18 +43,18 @@ class RuleContext:
 @dataclass(frozen=True)
 class Rule:
     fn: Callable
-    elementwise: bool
+    raw: bool
 
 
 RULES: dict[object, Rule] = {}
 
 
-def register(*ops: object, elementwise: bool = False) -> Callable[[Callable], Callable]:
+def register(*ops: object, raw: bool = False) -> Callable[[Callable], Callable]:
     """Register ``fn`` as the moment rule of ``ops`` (OpOverloads, OpOverloadPackets or Python callables)."""
 
     def decorate(fn: Callable) -> Callable:
         for op in ops:
-            RULES[op] = Rule(fn, elementwise)
+            RULES[op] = Rule(fn, raw)
         return fn
 
     return decorate

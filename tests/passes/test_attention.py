@@ -43,8 +43,10 @@ class SelfAttention(nn.Module):
 
 
 def paper_reference(model: SelfAttention, post, x, mask=None):
-    """Values and output projection random, attention weights from the means:
-    Var o_t = sum_s A_ts^2 Var v_s per head, then the linear rule of the output projection."""
+    """Values and output projection random, attention weights from the means.  The attended values
+    ``o = A (x W_v^T + b_v)`` are linear in (W_v, b_v), ONE sample of which serves every token, so their
+    variance is ``sum_p J_p^2 S_p`` with the Jacobian J from autograd (the paper's ``sum_s A_ts^2 Var v_s`` drops the
+    cross-token covariance); then the linear rule of the output projection (per token, exact)."""
     with torch.no_grad():
         q, k = model.split(model.q(x)), model.split(model.k(x))
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
@@ -54,14 +56,18 @@ def paper_reference(model: SelfAttention, post, x, mask=None):
             t = x.shape[1]
             scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
         a = torch.nan_to_num(torch.softmax(scores, -1))
-        v_mean = model.split(model.v(x))
-        v_var = model.split((x**2) @ post["v.weight"].T + post["v.bias"])
-        o_mean = (a @ v_mean).transpose(1, 2).flatten(2)
-        o_var = ((a**2) @ v_var).transpose(1, 2).flatten(2)
-        w = model.o.weight
-        s_w = post.get("o.weight", torch.zeros_like(w))
-        s_b = post.get("o.bias", torch.zeros_like(model.o.bias))
-        return (o_mean**2) @ s_w.T + o_var @ (w**2 + s_w).T + s_b
+
+    def attended(weight, bias):
+        return (a @ model.split(F.linear(x, weight, bias))).transpose(1, 2).flatten(2)
+
+    params = (model.v.weight.detach(), model.v.bias.detach())
+    o_mean = attended(*params)
+    jac_w, jac_b = torch.autograd.functional.jacobian(attended, params)
+    o_var = (jac_w**2 * post["v.weight"]).flatten(-2).sum(-1) + (jac_b**2 * post["v.bias"]).sum(-1)
+    w = model.o.weight.detach()
+    s_w = post.get("o.weight", torch.zeros_like(w))
+    s_b = post.get("o.bias", torch.zeros_like(model.o.bias))
+    return (o_mean**2) @ s_w.T + o_var @ (w**2 + s_w).T + s_b
 
 
 @pytest.mark.parametrize("sdpa, causal", [(True, False), (True, True), (False, False)])
@@ -88,10 +94,10 @@ def test_padding_mask_gives_zero_variance_never_nan():
 
 @pytest.mark.parametrize("covariance", ["diag", "full"])
 def test_value_posterior_within_fifteen_percent_of_monte_carlo(covariance):
-    """The paper's rule ignores the cross-token covariance that one shared W_v sample creates (notes §1), so
-    the check is on a value-and-output posterior with small variance, as in the paper."""
+    """Values and output projection random: the row-shared value noise keeps the cross-token covariance that
+    one W_v sample creates (the paper's equation alone is up to T times too small)."""
     model = SelfAttention(sdpa=True, seed=3).eval()
-    post = random_posterior(model, 1e-4, names={"o.weight", "o.bias"})
+    post = random_posterior(model, 1e-4, names={"v.weight", "v.bias", "o.weight", "o.bias"})
     x = torch.randn(2, 5, 8)
     _, mc_var, _ = monte_carlo(model, post, x, 20_000)
     var = mp.compile(model, post, (x,), covariance=covariance)(x)[1]
@@ -121,8 +127,11 @@ def test_linearised_attention_propagates_query_and_key_uncertainty():
     assert (diag > 0).all() and torch.isfinite(diag).all()  # diag mode drops the score correlations
 
 
+@pytest.mark.parametrize("attention", ["paper", "linearised"])
 @pytest.mark.parametrize("covariance", ["diag", "full"])
-def test_softmax_linearised(covariance):
+def test_softmax_linearised(covariance, attention):
+    """A classifier's softmax is linearised under either attention rule (only attention weights are taken at
+    the mean by the paper's rule)."""
     class Softmax(nn.Module):
         def __init__(self):
             super().__init__()
@@ -134,7 +143,7 @@ def test_softmax_linearised(covariance):
     model = Softmax()
     post = random_posterior(model, 1e-3)
     x = torch.randn(3, 4)
-    _, var = mp.compile(model, post, (x,), covariance=covariance, attention="linearised")(x)
+    _, var = mp.compile(model, post, (x,), covariance=covariance, attention=attention)(x)
     h_var = (x**2) @ post["fc.weight"].T + post["fc.bias"]
     p = torch.softmax(model.fc(x), -1).detach()
     jac = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
