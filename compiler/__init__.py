@@ -8,6 +8,7 @@ The pipeline, one module per step::
                              every op replaced by its rule from momentprop.passes, traced into the moment graph
     emit.emit_onnx           the moment graph as ONNX with a model card
     runtime.CompiledModel    cm(x), cm.predict(x), cm.to_onnx(path)
+    runtime.OnnxRunner       an exported file on ONNX Runtime (CPU or CUDA); convert.convert: ORT format, fp16, int8
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from momentprop.passes.heads import LINKS
 
 from .capture import capture, normalise_example_inputs
 from .emit import quiet_torch
+from .convert import convert
 from .errors import (
-    CalibrationError, CaptureError, InputError, MomentpropError, PersistenceError, PosteriorError, UnsupportedOpError,
+    CalibrationError, CaptureError, InputError, MomentpropError, PersistenceError, PosteriorError, ProviderError,
+    UnsupportedOpError,
 )
 from .laplace import couples_layers, is_laplace, likelihood_of
 from .meanfield import deterministic_meanfield
@@ -31,12 +34,12 @@ from .persist import load_compiled as load
 from .persist import load_posterior, save_posterior
 from .posterior import Dense, FullCovariance, Kron, read_posterior
 from .rewrite import MomentInterpreter, RewriteConfig, rewrite
-from .runtime import CompiledInfo, CompiledModel, OnnxRunner
+from .runtime import CompiledInfo, CompiledModel, OnnxRunner, predict_onnx
 
 __all__ = [
     "CalibrationError", "CaptureError", "CompiledModel", "Dense", "FullCovariance", "InputError", "Kron",
-    "MomentpropError", "OnnxRunner", "PersistenceError", "PosteriorError", "UnsupportedOpError", "__version__",
-    "compile", "load", "load_posterior", "save_posterior",
+    "MomentpropError", "OnnxRunner", "PersistenceError", "PosteriorError", "ProviderError", "UnsupportedOpError",
+    "__version__", "compile", "convert", "load", "load_posterior", "predict_onnx", "save_posterior",
 ]
 
 _COVARIANCES = ("diag", "full")

@@ -1,10 +1,17 @@
-"""Command line: ``momentprop demo`` (also ``python -m momentprop demo``)."""
+"""Command line (also ``python -m momentprop``): ``demo``, and for exported files ``predict``, ``inspect``,
+``convert``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Sequence
+
+import numpy as np
+
+from .errors import InputError, MomentpropError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,12 +35,151 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1,
                       help="intra-op threads for torch and ONNX Runtime alike (default: 1)")
     demo.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
+
+    predict = commands.add_parser(
+        "predict", help="run an exported file on inputs from a .npy or .csv file",
+        description="Run FILE (.onnx or .ort) with ONNX Runtime on INPUT (.npy, or .csv with one example per row, "
+        "an optional header line, comma-separated) and print the outputs (mean, variance, probabilities) or save "
+        "them to an .npz file.",
+    )
+    predict.add_argument("file", help="a file written by cm.to_onnx or momentprop convert")
+    predict.add_argument("input", help="inputs: .npy (any shape the file takes) or .csv (one row per example)")
+    predict.add_argument("-o", "--output", help="save the outputs to this .npz file instead of printing them")
+    predict.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider (default: cpu)")
+    predict.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)")
+    predict.add_argument("--nan", default="propagate", choices=["propagate", "raise"],
+                         help="NaN/inf inputs: give NaN outputs in their rows (default) or stop with an error")
+
+    inspect = commands.add_parser(
+        "inspect", help="show an exported file's model card, inputs, outputs, random parameters and op counts",
+        description="Show the model card, inputs, outputs, random parameters and op counts of FILE.",
+    )
+    inspect.add_argument("file", help="a file written by cm.to_onnx or momentprop convert")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    convert = commands.add_parser(
+        "convert", help="convert an exported file: ORT (mobile) format, fp16, int8",
+        description="Convert FILE to ONNX Runtime's mobile format and/or a lower precision. fp16: the mean branch in "
+        "float16, variances in float32; int8: dynamic quantisation of the matrix products.",
+    )
+    convert.add_argument("file", help="a float32 .onnx file written by cm.to_onnx")
+    convert.add_argument("-o", "--output", required=True, help="the converted file")
+    convert.add_argument("--format", choices=["onnx", "ort"], default=None,
+                         help="onnx or ort (ONNX Runtime mobile format); default: from the output's suffix")
+    convert.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32", help="default: fp32")
+    convert.add_argument("--quantize-mean-only", action="store_true",
+                         help="with --precision int8: quantise only the mean branch, keep the variances in float32")
     return parser
+
+
+def read_inputs(path: str | Path, shape: Sequence[object]) -> np.ndarray:
+    """An input array from .npy or .csv, with CSV rows (or a single 1-D example) reshaped to the file's input."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        x = np.load(path, allow_pickle=False)
+    elif path.suffix.lower() == ".csv":
+        try:
+            x = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+        except ValueError:  # a header line
+            x = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64, skiprows=1)
+    else:
+        raise InputError(f"{path}: inputs must be a .npy or .csv file")
+    fixed = [d for d in shape[1:] if isinstance(d, int)]
+    if len(fixed) == len(shape) - 1 and x.ndim == len(shape) - 1 and x.shape == tuple(fixed):
+        x = x[None]  # one example without its batch dimension
+    elif x.ndim == 2 and len(shape) > 2 and len(fixed) == len(shape) - 1 and x.shape[1] == int(np.prod(fixed)):
+        x = x.reshape(len(x), *fixed)  # CSV rows of flattened examples
+    return x
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .runtime import OnnxRunner
+
+    runner = OnnxRunner(args.file, args.provider, args.threads, nan=args.nan)
+    outputs = runner(read_inputs(args.input, runner.inputs[0].shape)) if len(runner.inputs) == 1 else None
+    if outputs is None:
+        raise InputError(f"{args.file} takes {len(runner.inputs)} inputs; use the Python API (momentprop.OnnxRunner)")
+    if args.output:
+        np.savez(args.output, **outputs)
+        shapes = ", ".join(f"{k} {v.shape}" for k, v in outputs.items())
+        print(f"wrote {args.output}: {shapes}")
+        return
+    with np.printoptions(precision=6, suppress=False, threshold=2000, linewidth=120):
+        for name, value in outputs.items():
+            print(f"{name} {value.shape}:\n{value}")
+
+
+def describe(path: str | Path) -> dict[str, object]:
+    """What ``momentprop inspect`` shows, as a dict."""
+    import onnx
+
+    from .convert import branches, is_ort_format, op_counts
+    from .runtime import OnnxRunner
+
+    runner = OnnxRunner(path)
+    io = lambda args: {a.name: {"type": a.type, "shape": a.shape} for a in args}  # noqa: E731
+    info: dict[str, object] = {
+        "file": str(path), "bytes": Path(path).stat().st_size, "precision": runner.precision,
+        "model_card": runner.model_card, "inputs": io(runner.session.get_inputs()),
+        "outputs": io(runner.session.get_outputs()), "random_parameters": runner.model_card.get("random_parameters", []),
+    }
+    if is_ort_format(path):  # the graph of an ORT-format file is not readable as ONNX
+        info.update(format="ort", ops=None)
+        return info
+    model = onnx.load(str(path))
+    split = branches(model)
+    info.update(format="onnx", ops=dict(op_counts(model).most_common()),
+                nodes={"total": len(model.graph.node), "mean_branch": len(split["mean"]),
+                       "variance_only": len(split["variance_only"])})
+    return info
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    info = describe(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    print(f"{info['file']}: {info['format']} format, {info['precision']}, {info['bytes']:,} bytes")
+    print("model card:")
+    for key, value in info["model_card"].items():
+        if key != "random_parameters":
+            print(f"  {key}: {value}")
+    for kind in ("inputs", "outputs"):
+        print(f"{kind}:")
+        for name, spec in info[kind].items():
+            shape = ", ".join(str(d) if isinstance(d, int) else f"{d} (dynamic)" for d in spec["shape"])
+            print(f"  {name}: {spec['type']} [{shape}]")
+    params = info["random_parameters"]
+    print(f"random parameters ({len(params)}): {', '.join(params) if params else 'none'}")
+    if info["ops"] is None:
+        print("ops: not readable from an ORT-format file (inspect the .onnx file it was converted from)")
+    else:
+        nodes = info["nodes"]
+        print(f"ops ({nodes['total']} nodes: {nodes['mean_branch']} in the mean branch, {nodes['variance_only']} "
+              f"variance-only): " + ", ".join(f"{op} {n}" for op, n in info["ops"].items()))
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .convert import convert
+
+    fmt = args.format or ("ort" if args.output.lower().endswith(".ort") else "onnx")
+    path = convert(args.file, args.output, format=fmt, precision=args.precision,
+                   quantize_mean_only=args.quantize_mean_only)
+    kind = f"{args.precision}{' (mean branch only)' if args.quantize_mean_only else ''}"
+    print(f"wrote {path}: {fmt} format, {kind}, {path.stat().st_size:,} bytes")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    commands = {"predict": _predict, "inspect": _inspect, "convert": _convert}
+    if args.command in commands:
+        try:
+            commands[args.command](args)
+        except (MomentpropError, OSError) as exc:
+            print(f"momentprop {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "demo":
         if min(args.epochs, args.samples, args.threads) < 1:
             print("momentprop demo: --epochs, --samples and --threads must be at least 1", file=sys.stderr)

@@ -27,3 +27,7 @@ class PersistenceError(MomentpropError, ValueError):
 
 class CalibrationError(MomentpropError, ValueError):
     """The variance scale could not be fitted (non-finite NLPD for every scale)."""
+
+
+class ProviderError(MomentpropError, RuntimeError):
+    """The requested ONNX Runtime execution provider (CUDA) is not available in this installation."""
