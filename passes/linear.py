@@ -36,14 +36,6 @@ def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float
     """Moments of ``beta * bias + alpha * (a @ w)`` whose mean the caller computed with the plain op."""
     if _extends_tangent(ctx, a, w, bias):
         return _through_weights(mean, a, mean_of(w), alpha)
-    if _joins_root(ctx, a, w, bias) and not w.full and w.mean.dim() == 2:
-        noise = _second_moment(ctx, a) @ w.variance()
-        left = w.mean.mT
-        if alpha != 1.0:
-            noise, left = (alpha * alpha) * noise, alpha * left
-        if is_random(bias):
-            noise = noise + (bias.variance() if beta == 1.0 else (beta * beta) * bias.variance())
-        return _root_with_weight_noise(mean, a, left, [(noise, None)])
     a, w, bias = (t.materialised() if is_random(t) else t for t in (a, w, bias))
     full_out = ctx.covariance == "full" or any(is_random(t) and t.full for t in (a, w))
     if alpha != 1.0:
@@ -89,35 +81,6 @@ def _through_weights(mean: Tensor, a: Moment, w: Tensor, alpha: float) -> Moment
     return Moment(mean, a.var, a.full, matrix_jacobian(a, left))
 
 
-def _joins_root(ctx: RuleContext, a, w, bias) -> bool:
-    """Full covariance, an input with a diagonal root, random weights (diagonal or Kronecker) and no bias
-    covariance: the weight noise joins the input's root (``_root_with_weight_noise``)."""
-    return (
-        ctx.covariance == "full" and is_random(a) and not a.full and is_random(w)
-        and not isinstance(w, DenseWeight) and not (is_random(bias) and bias.full)
-    )
-
-
-def _root_with_weight_noise(mean: Tensor, a: Moment, left: Tensor, blocks: list[tuple[Tensor, Tensor | None]]) -> Moment:
-    """``left @ a + noise`` as one moment whose diagonal root is the input's root followed by the weight noise:
-    tangent ``[left J_a | B_1 | ...]`` over root variances ``[v_a | d_1 | ...]``, each weight-noise block ``B_i``
-    (None: the identity) with independent entries of variance ``d_i`` per row.  The covariance
-    ``left J_a diag(v_a) J_a^T left^T + sum_i B_i diag(d_i) B_i^T`` is then never formed layer by layer (for an MLP,
-    the (C, C) products of the full mode become (C, R) ones with R the root size), and a later layer's input noise
-    stays one linear function of every earlier noise, as the GLM predictive has it."""
-    a = a.rooted_per_row()
-    rows, width = mean.shape[:-1], mean.shape[-1]
-    tangent = matrix_jacobian(a, left).j
-    jacobians = [tangent.expand(*rows, *tangent.shape[-2:])]
-    roots = [a.var.reshape(*rows, a.var.shape[-1])]
-    for var, block in blocks:
-        if block is None:
-            block = torch.eye(width, dtype=mean.dtype, device=mean.device)
-        jacobians.append(block.expand(*rows, *block.shape))
-        roots.append(var.expand(*rows, var.shape[-1]))
-    return Moment(mean, torch.cat(roots, -1), False, MatrixTangent(torch.cat(jacobians, -1)))
-
-
 def _second_moment(ctx: RuleContext, a) -> Tensor:
     """``E[a^2]`` for the weight-noise term; first order in the weights (glm) keeps only ``m_a^2``."""
     a_mean = mean_of(a)
@@ -156,11 +119,6 @@ def _input_terms(a, w_mean: Tensor, elementwise, cov, full_out: bool):
 def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: KronWeight | DenseWeight, bias) -> Moment:
     """``x W^T + b`` for a weight with correlated entries: the weight noise ``E_x[Cov(W x | x)]`` from its
     structure, plus the input noise and the bias as for any weight."""
-    if isinstance(weight, KronWeight) and _joins_root(ctx, x, weight, bias):
-        blocks = [(weight.eigen_noise(mean_of(x) if ctx.first_order else x), weight.q_out)]
-        if is_random(bias):
-            blocks.append((bias.variance(), None))
-        return _root_with_weight_noise(mean, x, weight.mean, blocks)
     x = x.materialised() if is_random(x) else x
     full_out = ctx.covariance == "full" or (is_random(x) and x.full)
     joint_bias = isinstance(weight, DenseWeight) and weight.with_bias
