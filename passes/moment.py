@@ -82,6 +82,10 @@ class Moment:
 
     def variance(self) -> Tensor:
         """Elementwise variance, shaped like ``mean``."""
+        if isinstance(self.tangent, MatrixTangent) and not self.full:  # diag(J diag(v) J^T) = (J * J) v
+            j = self.tangent.j
+            root = self.var.reshape(*self.mean.shape[:-1], j.shape[-1], 1)
+            return broadcast_to(((j * j) @ root).squeeze(-1), self.mean.shape)
         m = self.materialised()
         return torch.diagonal(m.var, dim1=-2, dim2=-1) if m.full else m.var
 
