@@ -1,0 +1,131 @@
+"""Runs every method on every posterior of one :class:`~.registry.Problem` and returns one record per
+(posterior, method): metrics, time per 1,000 test points, peak extra memory, and the latent-variance error."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import methods as M
+from .metrics import classification_metrics, gaussian_metrics, mixture_metrics, relative_error_stats
+from .posteriors import Posterior, fit_laplace, ivon_posterior, residual_sigma, train_ivon, train_map
+from .registry import Problem
+
+COMPILED = (("compiled-diag", "diag"), ("compiled-full", "full"))
+
+
+def method_names(problem: Problem) -> list[str]:
+    names = ["map"] + [f"mc-{n}" for n in problem.mc_samples] + ["glm"]
+    for name, _ in COMPILED:
+        names += [name, f"{name}+cal"]
+    return names
+
+
+def steps(problem: Problem) -> int:
+    """Progress-bar steps of one problem: fitting each posterior, each method, and the variance reference."""
+    return len(problem.posteriors) * (len(method_names(problem)) + 2)
+
+
+def _metrics(problem: Problem, pred, pred_ood, sigma: float | None) -> dict[str, float]:
+    s = problem.split
+    if problem.likelihood == "classification":
+        return classification_metrics(pred, s.y_test.numpy(), pred_ood)
+    if "samples" in pred:
+        return mixture_metrics(pred["samples"], sigma, s.y_test.numpy(), s.y_scale)
+    return gaussian_metrics(pred["mean"], pred["var"], s.y_test.numpy(), s.y_scale)
+
+
+def fit_posteriors(problem: Problem, tick: Callable[[str], None]) -> list[Posterior]:
+    """Train the MAP network (shared by the laplace-torch posteriors) and the IVON network, fit the posteriors."""
+    s, lik, cfg = problem.split, problem.likelihood, problem.train
+    train_map_fn = problem.train_map or train_map
+    train_ivon_fn = problem.train_ivon or train_ivon
+    out: list[Posterior] = []
+    map_model, sigma = None, None
+    for name in problem.posteriors:
+        t0 = time.perf_counter()
+        if name.startswith("laplace-") or (lik == "regression" and sigma is None):
+            if map_model is None:
+                map_model = train_map_fn(problem.make_model(problem.seed), s, lik, cfg, problem.seed)
+                sigma = residual_sigma(map_model, s.x_val, s.y_val) if lik == "regression" else None
+        if name.startswith("laplace-"):
+            post = fit_laplace(copy.deepcopy(map_model), s, lik, name.split("-", 1)[1], sigma=sigma,
+                               tune_points=problem.tune_points, seed=problem.seed)
+        elif name == "ivon":
+            model = problem.make_model(problem.seed)
+            train_sigma = max(sigma, cfg.ivon_noise_floor) if lik == "regression" else 1.0
+            opt = train_ivon_fn(model, s, lik, cfg, problem.seed, sigma=train_sigma)
+            ivon_sigma = residual_sigma(model, s.x_val, s.y_val) if lik == "regression" else None
+            post = ivon_posterior(model, opt, lik, s.x_train, ivon_sigma)
+        else:
+            raise ValueError(f"unknown posterior {name!r}")
+        post.fit_s = time.perf_counter() - t0  # type: ignore[attr-defined]
+        out.append(post)
+        tick(f"fit {name}")
+    return out
+
+
+def run_problem(problem: Problem, tick: Callable[[str], None] = lambda _: None) -> list[dict]:
+    s = problem.split
+    records: list[dict] = []
+    posteriors = fit_posteriors(problem, tick)
+    with torch.no_grad():
+        n_out = int(posteriors[0].model(s.x_test[:1]).shape[-1])
+    x_ref = s.x_test[: problem.reference_points]
+    for post in posteriors:
+        base = dict(task=problem.task, dataset=problem.dataset, seed=problem.seed, posterior=post.name,
+                    n_test=len(s.x_test), n_train=len(s.x_train), reference_samples=problem.reference_samples, prior_precision=post.prior_precision,
+                    sigma_noise=None if post.sigma_noise is None else post.sigma_noise * s.y_scale)
+        # the Monte Carlo reference of the latent variance (10,000 samples, on x_ref)
+        t0 = time.perf_counter()
+        ref_var = M.mc_latent_variance(post, x_ref, problem.reference_samples, seed=10_000 + problem.seed)
+        ref_s = time.perf_counter() - t0
+        tick(f"{post.name}: MC-{problem.reference_samples} reference")
+        latent: dict[str, np.ndarray] = {}
+
+        def record(method: str, measured: M.Measured | None, ood=None, sigma=post.sigma_noise, **extra) -> None:
+            row = dict(base, method=method, **extra)
+            if measured is not None:
+                row.update(_metrics(problem, measured.prediction, ood, sigma))
+                row.update(ms_per_1000=measured.ms_per_1000, peak_mib=measured.peak_mib,
+                           finite=M.is_finite_prediction(measured.prediction))
+            if method in latent:
+                row.update({f"var_err_{k}": v for k, v in relative_error_stats(latent[method], ref_var).items()})
+            records.append(row)
+            tick(f"{post.name}: {method}")
+
+        def run(method: str, predict, **extra) -> None:
+            measured = M.measure(predict, s.x_test)
+            ood = predict(s.x_ood) if (s.x_ood is not None and problem.likelihood == "classification") else None
+            record(method, measured, ood, **extra)
+
+        run("map", M.map_predictor(post))
+        for n in problem.mc_samples:
+            if n == 1000:
+                latent[f"mc-{n}"] = M.mc_latent_variance(post, x_ref, n, seed=problem.seed)
+            run(f"mc-{n}", M.mc_predictor(post, n, seed=problem.seed))
+        fits, why = M.glm_fits(post, problem.glm_chunk, n_out)
+        if fits:
+            latent["glm"] = M.glm_latent_variance(post, x_ref, problem.glm_chunk)
+            run("glm", M.glm_predictor(post, problem.glm_chunk))
+        else:
+            record("glm", None, note=f"not run: {why}")
+        for name, covariance in COMPILED:
+            t0 = time.perf_counter()
+            cm = M.compile_posterior(post, s.x_train[:2], covariance)
+            compile_s = time.perf_counter() - t0
+            latent[name] = M.compiled_latent_variance(cm, x_ref)
+            run(name, M.compiled_predictor(cm, problem.likelihood), setup_s=compile_s)
+            t0 = time.perf_counter()
+            scale = cm.calibrate((s.x_val, s.y_val))
+            run(f"{name}+cal", M.compiled_predictor(cm, problem.likelihood), setup_s=time.perf_counter() - t0,
+                variance_scale=scale)
+        for row in records:
+            if row["posterior"] == post.name:
+                row.setdefault("fit_s", post.fit_s)  # type: ignore[attr-defined]
+                row.setdefault("reference_s", ref_s)
+    return records
