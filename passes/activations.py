@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .moment import Moment, chain, jacobian
+from .moment import Moment
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -26,7 +26,7 @@ def def_deriv(op, derivative: Callable[..., Tensor | float]) -> Callable:
 
     def rule(ctx: RuleContext, x: Moment, *args, **kwargs) -> Moment:
         y = op(x.mean, *args, **kwargs)
-        return x.with_tangent(y, chain(derivative(x.mean, y, *args, **kwargs), jacobian(x)))
+        return x.chained(y, derivative(x.mean, y, *args, **kwargs))
 
     rule.__name__ = f"linearise_{op.__name__.replace('.', '_')}"
     rule.__doc__ = f"{op}: mean f(m), tangent f'(m) times the incoming tangent."

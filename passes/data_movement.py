@@ -41,11 +41,11 @@ def def_structural(
 
     def rule(ctx: RuleContext, x: Moment, *args, **kwargs) -> Moment:
         mean = op(x.mean, *args, **kwargs)
-        if relabels_rows and isinstance(x.tangent, MatrixTangent) and same_shape(mean.shape[-1:], x.mean.shape[-1:]):
-            j = x.tangent.j
-            if j.dim() > 2:
-                j = j.expand(*x.mean.shape, j.shape[-1]).reshape(*mean.shape, j.shape[-1])
-            return x.with_tangent(mean, MatrixTangent(j))
+        if relabels_rows and same_shape(mean.shape[-1:], x.mean.shape[-1:]) and (
+            x.parts or isinstance(x.tangent, MatrixTangent)
+        ):
+            first, *rest = (_relabelled(p, x.mean, mean, var_op, args, kwargs) for p in x.all_parts())
+            return Moment(mean, first.var, first.full, first.tangent, parts=tuple(rest))
         x = x.materialised()
         if not x.full:
             shared = None
@@ -62,6 +62,20 @@ def def_structural(
     rule.__doc__ = f"{op}: the variance follows the mean."
     register(op, raw=True)(rule)
     return rule
+
+
+def _relabelled(part: Moment, before: Tensor, after: Tensor, var_op, args, kwargs) -> Moment:
+    """One noise of a moment whose rows are regrouped: the tangent moves with the mean, the root stays (it is
+    brought to the new rows when materialised), so other uses of the root still recognise it."""
+    tangent = part.tangent
+    if isinstance(tangent, MatrixTangent) and (tangent.j.dim() > 2 or tangent.rows is not None):
+        j = tangent.dense()
+        tangent = MatrixTangent(j.expand(*before.shape, j.shape[-1]).reshape(*after.shape, j.shape[-1]))
+    elif isinstance(tangent, Tensor) and same_shape(tangent.shape, before.shape):
+        tangent = var_op(tangent, *args, **kwargs)
+    elif isinstance(tangent, Tensor) and tangent.dim() > 1:  # a partly broadcast Jacobian: materialise it
+        tangent = var_op(tangent.expand(before.shape), *args, **kwargs)
+    return Moment(after, part.var, part.full, tangent)
 
 
 def _reshaped_tags(tags: Tags, mean_in: Tensor, mean_out: Tensor, *args, **kwargs) -> Tags | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .moment import Moment, add_tangents, chain, is_random, jacobian, linear_combination, promote, same_root
+from .moment import Moment, is_random, linear_combination, merge_parts, promote, same_root
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -20,18 +20,13 @@ def _combine(mean: Tensor, a: object, b: object, d_a, d_b) -> Moment:
     """Linearised combination of two operands: ``d_a``, ``d_b`` are the local partial derivatives."""
     if not (is_random(a) or is_random(b)):
         return mean
-    if is_random(a) and is_random(b) and same_root(a, b):
-        return a.with_tangent(mean, add_tangents(_numeric(chain(d_a, jacobian(a)), mean), _numeric(chain(d_b, jacobian(b)), mean)))
     if not is_random(b):
-        return a.with_tangent(mean, chain(d_a, jacobian(a)))
+        return a.chained(mean, d_a)
     if not is_random(a):
-        return b.with_tangent(mean, chain(d_b, jacobian(b)))
+        return b.chained(mean, d_b)
+    if a.parts or b.parts or same_root(a, b):  # parts of one root combine by the chain rule, the rest add
+        return merge_parts(mean, [(d_a, a), (d_b, b)])
     return linear_combination(mean, [(d_a, a), (d_b, b)])
-
-
-def _numeric(jac, like: Tensor):
-    """Boolean (0/1 mask) Jacobians as numbers, so that adding two of them sums instead of or-ing."""
-    return jac.to(like.dtype) if isinstance(jac, Tensor) and jac.dtype == torch.bool else jac
 
 
 def _mean(x: object) -> object:
@@ -59,7 +54,7 @@ def rsub(ctx: RuleContext, a, b, alpha=1) -> Moment:
 @register(aten.neg.default, raw=True)
 def neg(ctx: RuleContext, a: Moment) -> Moment:
     """``-a``: the variance is unchanged (exact)."""
-    return a.with_tangent(-a.mean, chain(-1.0, jacobian(a)))
+    return a.chained(-a.mean, -1.0)
 
 
 @register(aten.mul.Tensor, aten.mul.Scalar, raw=True)
@@ -89,7 +84,7 @@ def div(ctx: RuleContext, a, b) -> Moment:
 def pow_scalar(ctx: RuleContext, a: Moment, exponent) -> Moment:
     """``a^p`` linearised: derivative p a^(p-1)."""
     mean = aten.pow.Tensor_Scalar(a.mean, exponent)
-    return a.with_tangent(mean, chain(exponent * aten.pow.Tensor_Scalar(a.mean, exponent - 1), jacobian(a)))
+    return a.chained(mean, exponent * aten.pow.Tensor_Scalar(a.mean, exponent - 1))
 
 
 @register(aten.pow.Tensor_Tensor, raw=True)

@@ -36,6 +36,14 @@ def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float
     """Moments of ``beta * bias + alpha * (a @ w)`` whose mean the caller computed with the plain op."""
     if _extends_tangent(ctx, a, w, bias):
         return _through_weights(mean, a, mean_of(w), alpha)
+    if _adds_weight_noise_part(ctx, a, w, bias) and not w.full and w.mean.dim() == 2:
+        noise = _second_moment(ctx, a) @ w.variance()
+        left = w.mean.mT
+        if alpha != 1.0:
+            noise, left = (alpha * alpha) * noise, alpha * left
+        if is_random(bias):
+            noise = noise + (bias.variance() if beta == 1.0 else (beta * beta) * bias.variance())
+        return _with_parts(_through_weights(mean, a, left.mT, 1.0), [Moment(mean, noise, False)])
     a, w, bias = (t.materialised() if is_random(t) else t for t in (a, w, bias))
     full_out = ctx.covariance == "full" or any(is_random(t) and t.full for t in (a, w))
     if alpha != 1.0:
@@ -71,14 +79,27 @@ def _extends_tangent(ctx: RuleContext, a, w, bias) -> bool:
     """Full covariance, a random input, deterministic weights: the input's tangent is extended instead."""
     if not is_random(a) or is_random(w) or is_random(bias) or w.dim() != 2:
         return False
-    return ctx.covariance == "full" or a.full or isinstance(a.tangent, MatrixTangent)
+    return ctx.covariance == "full" or a.full or bool(a.parts) or isinstance(a.tangent, MatrixTangent)
+
+
+def _adds_weight_noise_part(ctx: RuleContext, a, w, bias) -> bool:
+    """Full covariance, a random input, random weights without correlations (or Kronecker-factored) and no bias
+    covariance: the input's noises go through the mean weights and the weight noise is one more part."""
+    return (
+        ctx.covariance == "full" and is_random(a) and is_random(w) and not isinstance(w, DenseWeight)
+        and not (is_random(bias) and bias.full)
+    )
 
 
 def _through_weights(mean: Tensor, a: Moment, w: Tensor, alpha: float) -> Moment:
-    """``a @ w`` for deterministic ``w``: the tangent ``J <- w^T J`` on the same root (see moment.py)."""
-    a = a.rooted_per_row()
+    """``a @ w`` for deterministic ``w``: every noise's tangent ``J <- w^T J`` on its own root (see moment.py)."""
     left = w.mT if alpha == 1.0 else alpha * w.mT
-    return Moment(mean, a.var, a.full, matrix_jacobian(a, left))
+    first, *rest = (Moment(mean, p.var, p.full, matrix_jacobian(p, left)) for p in map(Moment.rooted_per_row, a.all_parts()))
+    return Moment(mean, first.var, first.full, first.tangent, parts=tuple(rest))
+
+
+def _with_parts(m: Moment, parts: list[Moment]) -> Moment:
+    return Moment(m.mean, m.var, m.full, m.tangent, parts=m.parts + tuple(parts))
 
 
 def _second_moment(ctx: RuleContext, a) -> Tensor:
@@ -119,6 +140,11 @@ def _input_terms(a, w_mean: Tensor, elementwise, cov, full_out: bool):
 def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: KronWeight | DenseWeight, bias) -> Moment:
     """``x W^T + b`` for a weight with correlated entries: the weight noise ``E_x[Cov(W x | x)]`` from its
     structure, plus the input noise and the bias as for any weight."""
+    if isinstance(weight, KronWeight) and _adds_weight_noise_part(ctx, x, weight, bias):
+        parts = [Moment(mean, weight.eigen_noise(mean_of(x) if ctx.first_order else x), False, MatrixTangent(weight.q_out))]
+        if is_random(bias):
+            parts.append(Moment(mean, bias.variance(), False))
+        return _with_parts(_through_weights(mean, x, weight.mean.mT, 1.0), parts)
     x = x.materialised() if is_random(x) else x
     full_out = ctx.covariance == "full" or (is_random(x) and x.full)
     joint_bias = isinstance(weight, DenseWeight) and weight.with_bias

@@ -18,10 +18,18 @@ and row reshapes extend it (``J <- W J``) instead of forming ``W Sigma W^T``, so
 ``h + f(h)`` keeps the covariance between its two branches: ``(I + J_f) Sigma (I + J_f)^T``, where independent
 branches would give ``Sigma + J_f Sigma J_f^T``.  The root's variance keeps its own row layout; it is reshaped to
 the tangent's rows when the moment is materialised.
+
+A full-mode moment may also be a sum of independent noises, ``parts``, each a root with its own tangent: a
+random linear layer passes its input's noises through the mean weights (``J <- M^T J``, each on its root) and
+adds its weight noise as one more part, instead of forming ``M^T Sigma M + diag(...)``.  Values of one root
+are combined by the chain rule part by part, so the branches of a residual block stay correlated even through
+random weights, and with ``predictive="glm"`` the output is the GLM predictive's ``sum_l J_l S_l J_l^T`` without
+a (points x width x width) covariance after every layer.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
@@ -36,9 +44,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, eq=False)
 class MatrixTangent:
-    """A pending Jacobian ``j`` of shape ``(..., C, R)`` (leading dims may be absent: one J for every row)."""
+    """A pending Jacobian ``diag(rows) j``: ``j`` of shape ``(..., C, R)`` (leading dims may be absent: one J for
+    every row), ``rows`` an elementwise derivative not yet multiplied in (None: 1), so that a chain of
+    activations scales ``(..., C)`` numbers and the next linear layer folds them into its weight."""
 
     j: Tensor
+    rows: Tensor | None = None
+
+    def dense(self) -> Tensor:
+        return self.j if self.rows is None else self.rows.to(self.j.dtype).unsqueeze(-1) * self.j
 
 
 Tangent = Union[Tensor, float, MatrixTangent, None]
@@ -51,6 +65,7 @@ class Moment:
     full: bool = False
     tangent: Tangent = None
     shared: "SharedNoise | None" = None  # a projection's row-shared weight noise (shared_weight.py), diag only
+    parts: tuple["Moment", ...] = ()  # further independent noises, each a root with its own tangent (full mode)
 
     @property
     def feature_size(self) -> int:
@@ -58,17 +73,20 @@ class Moment:
 
     def materialised(self) -> "Moment":
         """The same Gaussian with the tangent folded into ``var`` and ``var`` shaped like ``mean``."""
+        if self.parts:
+            return _sum_parts(self)
         if self.tangent is None and self.var_has_mean_shape():
             return self
         jac = 1.0 if self.tangent is None else self.tangent
         if isinstance(jac, MatrixTangent):
-            return self._materialised_matrix(jac.j)
+            return self._materialised_matrix(jac.dense())
+        var = self._root_in_rows()
         if not self.full:
-            return Moment(self.mean, broadcast_to(_squared(jac) * self.var, self.mean.shape), False)
+            return Moment(self.mean, broadcast_to(_squared(jac) * var, self.mean.shape), False)
         if isinstance(jac, Tensor):  # J Sigma J as two broadcast products: no (C, C) mask is formed
-            cov = (jac.unsqueeze(-1) * self.var) * jac.unsqueeze(-2)
+            cov = (jac.unsqueeze(-1) * var) * jac.unsqueeze(-2)
         else:
-            cov = (jac * jac) * self.var
+            cov = (jac * jac) * var
         size = self.feature_size
         return Moment(self.mean, broadcast_to(cov, (*self.mean.shape, size)), True)
 
@@ -80,10 +98,41 @@ class Moment:
             cov = (j * self.var.reshape(*rows, 1, size)) @ j.mT
         return Moment(self.mean, broadcast_to(cov, (*self.mean.shape, self.feature_size)), True)
 
+    def _root_in_rows(self) -> Tensor:
+        """The root's variance in the mean's row layout (a reshape moved the rows of the mean and the tangent but
+        kept the root, so that other uses of it still recognise it)."""
+        extra = 2 if self.full else 1
+        rows_var, rows_mean = self.var.shape[: self.var.dim() - extra], self.mean.shape[:-1]
+        if self.var.dim() <= extra or same_shape(rows_var, rows_mean):
+            return self.var
+        if statically_known_true(math.prod(rows_var) == math.prod(rows_mean)):
+            return self.var.reshape(*rows_mean, *self.var.shape[-extra:])
+        return self.var  # a root broadcast over rows
+
+    def without_parts(self) -> "Moment":
+        return Moment(self.mean, self.var, self.full, self.tangent) if self.parts else self
+
+    def all_parts(self) -> tuple["Moment", ...]:
+        """This moment as a sum of independent noises, each with its own root."""
+        return (self.without_parts(),) + self.parts
+
+    def chained(self, mean: Tensor, derivative: Tensor | float) -> "Moment":
+        """``f(x)`` for an elementwise ``f`` with derivative ``derivative``: every noise's tangent scaled."""
+        parts = tuple(p.chained(mean, derivative) for p in self.parts)
+        return Moment(mean, self.var, self.full, chain(derivative, jacobian(self)), parts=parts)
+
+    def with_mean(self, mean: Tensor) -> "Moment":
+        return Moment(mean, self.var, self.full, self.tangent, parts=tuple(p.with_mean(mean) for p in self.parts))
+
     def variance(self) -> Tensor:
         """Elementwise variance, shaped like ``mean``."""
+        if self.parts:
+            total = self.without_parts().variance()
+            for p in self.parts:
+                total = total + p.variance()
+            return total
         if isinstance(self.tangent, MatrixTangent) and not self.full:  # diag(J diag(v) J^T) = (J * J) v
-            j = self.tangent.j
+            j = self.tangent.dense()
             root = self.var.reshape(*self.mean.shape[:-1], j.shape[-1], 1)
             return broadcast_to(((j * j) @ root).squeeze(-1), self.mean.shape)
         m = self.materialised()
@@ -94,20 +143,49 @@ class Moment:
         m = self.materialised()
         return m if m.full else Moment(m.mean, diagonal_matrix(m.var), True)
 
-    def with_tangent(self, mean: Tensor, tangent: Tangent) -> "Moment":
-        """A new value of the same root: ``mean`` with Jacobian ``tangent`` relative to ``self.var``."""
-        return Moment(mean, self.var, self.full, tangent)
-
     def rooted_per_row(self) -> "Moment":
-        """This moment with a root laid out per row (a root shared by every row, such as a bias, is expanded):
-        what a matrix tangent needs."""
+        """This moment (one part) with a root laid out per row (a root shared by every row, such as a bias, is
+        expanded): what a matrix tangent needs."""
         if isinstance(self.tangent, MatrixTangent) or self.var_has_mean_shape():
             return self
+        var = self._root_in_rows()
+        if var is not self.var and self.tangent is None:
+            return self  # rows regrouped since: the root stays, the tangent will be laid out per row
         return self.materialised()
 
     def var_has_mean_shape(self) -> bool:
         expected = (*self.mean.shape, self.feature_size) if self.full else tuple(self.mean.shape)
         return same_shape(self.var.shape, expected)
+
+
+def _sum_parts(m: Moment) -> Moment:
+    parts = promote(*m.all_parts())
+    total = parts[0].var
+    for p in parts[1:]:
+        total = total + p.var
+    return Moment(m.mean, total, parts[0].full)
+
+
+def merge_parts(mean: Tensor, terms: list[tuple[Tensor | float, Moment]]) -> Moment:
+    """``sum_i d_i * x_i`` for moments made of independent parts: parts of one root are combined by the chain rule,
+    the others stay separate (independent) parts."""
+    merged: list[tuple[Moment, Tangent]] = []
+    for derivative, moment in terms:
+        for part in moment.all_parts():
+            tangent = chain(derivative, jacobian(part))
+            for i, (root, existing) in enumerate(merged):
+                if same_root(root, part):
+                    merged[i] = (root, add_tangents(_numeric(existing, mean), _numeric(tangent, mean)))
+                    break
+            else:
+                merged.append((part, tangent))
+    first, *rest = (Moment(mean, root.var, root.full, tangent) for root, tangent in merged)
+    return Moment(first.mean, first.var, first.full, first.tangent, parts=tuple(rest))
+
+
+def _numeric(jac, like: Tensor):
+    """Boolean (0/1 mask) Jacobians as numbers, so that adding two of them sums instead of or-ing."""
+    return jac.to(like.dtype) if isinstance(jac, Tensor) and jac.dtype == torch.bool else jac
 
 
 def _squared(jac: Tensor | float) -> Tensor | float:
@@ -153,9 +231,11 @@ def chain(derivative: Tensor | float, tangent: Tangent) -> Tangent:
     if isinstance(derivative, float) and derivative == 1.0:
         return tangent
     if isinstance(tangent, MatrixTangent):
-        if isinstance(derivative, Tensor):
-            derivative = derivative.to(tangent.j.dtype).unsqueeze(-1)
-        return MatrixTangent(derivative * tangent.j)
+        if not isinstance(derivative, Tensor):
+            return MatrixTangent(derivative * tangent.j, tangent.rows)
+        if tangent.rows is not None:
+            derivative = derivative.to(tangent.j.dtype) * tangent.rows.to(tangent.j.dtype)
+        return MatrixTangent(tangent.j, derivative)
     if isinstance(tangent, float) and tangent == 1.0:
         return derivative
     return derivative * tangent
@@ -168,7 +248,7 @@ def add_tangents(a: Tangent, b: Tangent) -> Tangent:
         return a + b
     like = (a if isinstance(a, MatrixTangent) else b).j
     a, b = (_as_matrix(t, like) for t in (a, b))
-    return MatrixTangent(a.j + b.j)
+    return MatrixTangent(a.dense() + b.dense())
 
 
 def _as_matrix(tangent: Tangent, like: Tensor) -> MatrixTangent:
@@ -182,6 +262,8 @@ def matrix_jacobian(m: Moment, left: Tensor) -> MatrixTangent:
     """The tangent of ``left @ x`` (``left``: (..., C_out, C)) for a moment ``x`` with any tangent."""
     tangent = m.tangent
     if isinstance(tangent, MatrixTangent):
+        if tangent.rows is not None:
+            left = left * tangent.rows.to(left.dtype).unsqueeze(-2)
         return MatrixTangent(left @ tangent.j)
     if isinstance(tangent, Tensor):
         return MatrixTangent(left * tangent.to(left.dtype).unsqueeze(-2))

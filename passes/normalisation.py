@@ -57,19 +57,19 @@ def layer_norm(ctx: RuleContext, x, normalized_shape, weight=None, bias=None, ep
         out = mul(ctx, out, weight)
     if bias is not None:
         out = add(ctx, out, bias)
-    return out.with_tangent(mean, out.tangent) if out.tangent is not None else Moment(mean, out.var, out.full)
+    return out.with_mean(mean)
 
 
 def _normalised_moment(x: Moment, z: Tensor, inv_std: Tensor, dims: tuple[int, ...], full: bool) -> Moment:
     n = 1
     for d in dims:
         n *= z.shape[d]
-    full = len(dims) == 1 and (full or x.full or isinstance(x.tangent, MatrixTangent))
+    full = len(dims) == 1 and (full or x.full or bool(x.parts) or isinstance(x.tangent, MatrixTangent))
     if full:  # centring and scaling correlate the entries, even of a diagonal input: J extends the tangent
         eye = torch.eye(n, dtype=z.dtype, device=z.device)
         jac = (eye - (1.0 + z.unsqueeze(-1) * z.unsqueeze(-2)) / n) * inv_std.unsqueeze(-1)
-        x = x.rooted_per_row()
-        return Moment(z, x.var, x.full, matrix_jacobian(x, jac))
+        first, *rest = (Moment(z, p.var, p.full, matrix_jacobian(p, jac)) for p in map(Moment.rooted_per_row, x.all_parts()))
+        return Moment(z, first.var, first.full, first.tangent, parts=tuple(rest))
     x = x.materialised()
     v = x.variance()
     s0, s1, s2 = (v.sum(dims, keepdim=True), (z * v).sum(dims, keepdim=True), (z * z * v).sum(dims, keepdim=True))

@@ -23,6 +23,8 @@ def second_moment_input(a: object) -> tuple[Tensor, Tensor | None, Tensor | None
     """The mean of ``a`` and its (co)variance as (mean, elementwise var or None, covariance or None)."""
     if not isinstance(a, Moment):
         return a, None, None
+    if not any(p.full for p in a.all_parts()):  # the diagonal alone, without forming a covariance
+        return a.mean, a.variance(), None
     a = a.materialised()
     return (a.mean, None, a.var) if a.full else (a.mean, a.var, None)
 
@@ -46,6 +48,13 @@ class KronWeight(Moment):
         return (q_out * q_out) @ d @ (q_in * q_in).T
 
     def noise(self, a: object, full_out: bool) -> Tensor:
+        g = self.eigen_noise(a)
+        if full_out:
+            return (self.q_out * g.unsqueeze(-2)) @ self.q_out.T
+        return g @ (self.q_out * self.q_out).T
+
+    def eigen_noise(self, a: object) -> Tensor:
+        """``D E[(Q_in^T a)^2]``: the variances of the weight noise in the output eigenbasis ``Q_out``."""
         mean, var, cov = second_moment_input(a)
         projected = mean @ self.q_in
         z2 = projected * projected
@@ -53,10 +62,7 @@ class KronWeight(Moment):
             z2 = z2 + var @ (self.q_in * self.q_in)
         if cov is not None:
             z2 = z2 + ((cov @ self.q_in) * self.q_in).sum(-2)
-        g = z2 @ self.d.T
-        if full_out:
-            return (self.q_out * g.unsqueeze(-2)) @ self.q_out.T
-        return g @ (self.q_out * self.q_out).T
+        return z2 @ self.d.T
 
 
 @dataclass(frozen=True, eq=False)

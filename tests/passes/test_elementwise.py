@@ -184,8 +184,9 @@ class Residual(nn.Module):
 @pytest.mark.parametrize("bayesian_branch", [False, True])
 def test_residual_adds_variances(bayesian_branch, covariance):
     """The paper's residual rule: x + F(x) with the two terms taken as independent, so (co)variances add.  In
-    full mode a deterministic branch is a function of x instead, and the sum is linearised as one function:
-    ``Cov = (I + J_F) Sigma (I + J_F)^T`` with ``J_F = diag(tanh'(W m + b)) W``."""
+    full mode F is a function of x instead, and the sum is linearised as one function:
+    ``Cov = (I + J_F) Sigma (I + J_F)^T`` with ``J_F = diag(tanh'(W m + b)) W``; a Bayesian branch ``W x + b``
+    adds its weight noise ``diag(E[x^2] S^T + s_b)`` (independent of x) to ``(I + M) Sigma (I + M)^T``."""
     model = Residual(bayesian_branch).eval()
     post = source_posterior(model, scale=1e-2, seed=5)
     if bayesian_branch:
@@ -197,10 +198,16 @@ def test_residual_adds_variances(bayesian_branch, covariance):
     if not bayesian_branch:
         f = ref_elementwise(f, torch.tanh)
     ref = Gaussian(g.mean + f.mean, g.var + f.var, full)
+    weight = model.branch.weight.detach().double()
     if full and not bayesian_branch:
-        pre = g.mean @ model.branch.weight.detach().double().T + model.branch.bias.detach().double()
-        jac = torch.eye(C, dtype=torch.float64) + (1 - torch.tanh(pre) ** 2).unsqueeze(-1) * model.branch.weight.detach().double()
+        pre = g.mean @ weight.T + model.branch.bias.detach().double()
+        jac = torch.eye(C, dtype=torch.float64) + (1 - torch.tanh(pre) ** 2).unsqueeze(-1) * weight
         ref = Gaussian(ref.mean, jac @ g.var @ jac.mT, True)
+    if full and bayesian_branch:
+        jac = torch.eye(C, dtype=torch.float64) + weight
+        second = g.mean**2 + torch.diagonal(g.var, dim1=-2, dim2=-1)
+        noise = second @ post["branch.weight"].double().T + post["branch.bias"].double()
+        ref = Gaussian(ref.mean, jac @ g.var @ jac.mT + torch.diag_embed(noise), True)
     mean, var = compiled_moments(model, post, x, covariance)
     assert_moments_close(mean, var, ref)
     torch.testing.assert_close(mean, model(x), rtol=1e-6, atol=1e-6)
