@@ -140,10 +140,13 @@ def _input_terms(a, w_mean: Tensor, elementwise, cov, full_out: bool):
 def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: KronWeight | DenseWeight, bias) -> Moment:
     """``x W^T + b`` for a weight with correlated entries: the weight noise ``E_x[Cov(W x | x)]`` from its
     structure, plus the input noise and the bias as for any weight."""
-    if isinstance(weight, KronWeight) and _adds_weight_noise_part(ctx, x, weight, bias):
+    if isinstance(weight, KronWeight) and ctx.covariance == "full" and not (is_random(bias) and bias.full):
+        # the weight noise as a part: diagonal in the output eigenbasis Q_out, so no (C, C) covariance is formed
         parts = [Moment(mean, weight.eigen_noise(mean_of(x) if ctx.first_order else x), False, MatrixTangent(weight.q_out))]
         if is_random(bias):
             parts.append(Moment(mean, bias.variance(), False))
+        if not is_random(x):
+            return _with_parts(parts[0], parts[1:])
         return _with_parts(_through_weights(mean, x, weight.mean.mT, 1.0), parts)
     x = x.materialised() if is_random(x) else x
     full_out = ctx.covariance == "full" or (is_random(x) and x.full)
