@@ -24,7 +24,7 @@ def _combine(mean: Tensor, a: object, b: object, d_a, d_b) -> Moment:
         return a.chained(mean, d_a)
     if not is_random(a):
         return b.chained(mean, d_b)
-    if a.parts or b.parts or same_root(a, b):  # parts of one root combine by the chain rule, the rest add
+    if a.tracked or b.tracked or same_root(a, b):  # parts of one root combine by the chain rule, the rest add
         return merge_parts(mean, [(d_a, a), (d_b, b)])
     return linear_combination(mean, [(d_a, a), (d_b, b)])
 
@@ -63,8 +63,12 @@ def mul(ctx: RuleContext, a, b) -> Moment:
     variance ``m_a^2 v_b + m_b^2 v_a + v_a v_b`` (full: the same with outer products and Hadamard products;
     first order, ``predictive="glm"``: without ``v_a v_b``)."""
     mean = aten.mul.Tensor(_mean(a), _mean(b))
-    if not (is_random(a) and is_random(b)) or same_root(a, b):
-        return _combine(mean, a, b, _mean(b), _mean(a))
+    if not (is_random(a) and is_random(b)) or same_root(a, b) or a.tracked or b.tracked:
+        linear = _combine(mean, a, b, _mean(b), _mean(a))
+        if not (is_random(a) and is_random(b)) or same_root(a, b) or ctx.first_order:
+            return linear
+        va, vb = promote(a, b)  # the second-order term, independent of both, as one more part
+        return Moment(linear.mean, linear.var, linear.full, linear.tangent, parts=linear.parts + (Moment(mean, va.var * vb.var, va.full),))
     linear = linear_combination(mean, [(b.mean, a), (a.mean, b)])
     if ctx.first_order:
         return linear

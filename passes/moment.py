@@ -109,6 +109,11 @@ class Moment:
             return self.var.reshape(*rows_mean, *self.var.shape[-extra:])
         return self.var  # a root broadcast over rows
 
+    @property
+    def tracked(self) -> bool:
+        """Carries noises by their roots (parts or a matrix tangent): combine it by root, never by materialising."""
+        return bool(self.parts) or isinstance(self.tangent, MatrixTangent)
+
     def without_parts(self) -> "Moment":
         return Moment(self.mean, self.var, self.full, self.tangent) if self.parts else self
 

@@ -106,3 +106,36 @@ def test_glm_on_bert_with_the_last_feed_forward_block_and_head_random(structure)
     glm_mean, glm_cov = la._glm_predictive_distribution(test_ids)
     torch.testing.assert_close(mean, glm_mean.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cov, glm_cov.detach(), rtol=1e-4, atol=1e-6)
+
+
+class ResidualBlocks(nn.Module):
+    """Two residual blocks ``h + W2 tanh(W1 LN(h))`` between an input and an output layer, every weight random:
+    the branches of each residual share the noise of ``h`` through random weights."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.inp, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"norm": nn.LayerNorm(6), "up": nn.Linear(6, 8), "down": nn.Linear(8, 6)}) for _ in range(2)
+        )
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block["down"](torch.tanh(block["up"](block["norm"](h))))
+        return self.out(h)
+
+
+def test_glm_full_on_residual_blocks_equals_the_jacobian_predictive():
+    """``predictive="glm", covariance="full"`` is ``sum_p J_p S_p J_p^T`` over every parameter, with the Jacobian
+    from autograd (independent of the rules): exact through residuals whose branches have random weights."""
+    model = ResidualBlocks().eval()
+    post = {n: torch.rand_like(p) * 1e-2 for n, p in model.named_parameters()}
+    _, cov = mp.compile(model, post, (X_TEST,), covariance="full", predictive="glm")(X_TEST)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    jac = torch.func.jacrev(lambda p: torch.func.functional_call(model, p, (X_TEST,)))(params)
+    expected = sum(
+        torch.einsum("bip,p,bjp->bij", jac[n].flatten(2), post[n].flatten(), jac[n].flatten(2)) for n in params
+    )
+    torch.testing.assert_close(cov, expected, rtol=1e-4, atol=1e-9)
