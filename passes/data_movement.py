@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .moment import MatrixTangent, Moment, diagonal_matrix, is_random, promote, same_shape
+from .moment import MatrixTangent, Moment, diagonal_matrix, is_random, promote, same_shape, sum_of_parts
 from .shared_weight import Tags, permuted, regroup, transposed
 from .registry import RuleContext, register
 
@@ -44,8 +44,7 @@ def def_structural(
         if relabels_rows and same_shape(mean.shape[-1:], x.mean.shape[-1:]) and (
             x.parts or isinstance(x.tangent, MatrixTangent)
         ):
-            first, *rest = (_relabelled(p, x.mean, mean, var_op, args, kwargs) for p in x.all_parts())
-            return Moment(mean, first.var, first.full, first.tangent, parts=tuple(rest))
+            return sum_of_parts([_relabelled(p, x.mean, mean, var_op, args, kwargs) for p in x.all_parts()])
         x = x.materialised()
         if not x.full:
             shared = None

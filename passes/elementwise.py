@@ -63,16 +63,12 @@ def mul(ctx: RuleContext, a, b) -> Moment:
     variance ``m_a^2 v_b + m_b^2 v_a + v_a v_b`` (full: the same with outer products and Hadamard products;
     first order, ``predictive="glm"``: without ``v_a v_b``)."""
     mean = aten.mul.Tensor(_mean(a), _mean(b))
-    if not (is_random(a) and is_random(b)) or same_root(a, b) or a.tracked or b.tracked:
-        linear = _combine(mean, a, b, _mean(b), _mean(a))
-        if not (is_random(a) and is_random(b)) or same_root(a, b) or ctx.first_order:
-            return linear
-        va, vb = promote(a, b)  # the second-order term, independent of both, as one more part
-        return Moment(linear.mean, linear.var, linear.full, linear.tangent, parts=linear.parts + (Moment(mean, va.var * vb.var, va.full),))
-    linear = linear_combination(mean, [(b.mean, a), (a.mean, b)])
-    if ctx.first_order:
+    linear = _combine(mean, a, b, _mean(b), _mean(a))
+    if not (is_random(a) and is_random(b)) or same_root(a, b) or ctx.first_order:
         return linear
-    va, vb = promote(a, b)
+    va, vb = promote(a, b)  # the second-order term, independent of both
+    if linear.tracked:
+        return linear.plus_parts(Moment(mean, va.var * vb.var, va.full))
     return Moment(mean, linear.var + va.var * vb.var, linear.full)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .moment import MatrixTangent, Moment, broadcast_to, diagonal_matrix, is_random, matrix_jacobian, mean_of
+from .moment import MatrixTangent, Moment, broadcast_to, diagonal_matrix, is_random, mean_of
 from .registry import RuleContext, register
 from .shared_weight import SharedNoise
 from .weights import DenseWeight, KronWeight
@@ -34,8 +34,8 @@ aten = torch.ops.aten
 
 def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float = 1.0, beta: float = 1.0):
     """Moments of ``beta * bias + alpha * (a @ w)`` whose mean the caller computed with the plain op."""
-    if _extends_tangent(ctx, a, w, bias):
-        return _through_weights(mean, a, mean_of(w), alpha)
+    if _extends_tangent(ctx, a, w, bias):  # every noise's tangent J <- w^T J on its own root (see moment.py)
+        return a.left_multiplied(mean, w.mT if alpha == 1.0 else alpha * w.mT)
     if _adds_weight_noise_part(ctx, a, w, bias) and not w.full and w.mean.dim() == 2:
         noise = _second_moment(ctx, a) @ w.variance()
         left = w.mean.mT
@@ -43,7 +43,7 @@ def product_moment(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float
             noise, left = (alpha * alpha) * noise, alpha * left
         if is_random(bias):
             noise = noise + (bias.variance() if beta == 1.0 else (beta * beta) * bias.variance())
-        return _with_parts(_through_weights(mean, a, left.mT, 1.0), [Moment(mean, noise, False)])
+        return a.left_multiplied(mean, left).plus_parts(Moment(mean, noise, False))
     a, w, bias = (t.materialised() if is_random(t) else t for t in (a, w, bias))
     full_out = ctx.covariance == "full" or any(is_random(t) and t.full for t in (a, w))
     if alpha != 1.0:
@@ -91,17 +91,6 @@ def _adds_weight_noise_part(ctx: RuleContext, a, w, bias) -> bool:
     )
 
 
-def _through_weights(mean: Tensor, a: Moment, w: Tensor, alpha: float) -> Moment:
-    """``a @ w`` for deterministic ``w``: every noise's tangent ``J <- w^T J`` on its own root (see moment.py)."""
-    left = w.mT if alpha == 1.0 else alpha * w.mT
-    first, *rest = (Moment(mean, p.var, p.full, matrix_jacobian(p, left)) for p in map(Moment.rooted_per_row, a.all_parts()))
-    return Moment(mean, first.var, first.full, first.tangent, parts=tuple(rest))
-
-
-def _with_parts(m: Moment, parts: list[Moment]) -> Moment:
-    return Moment(m.mean, m.var, m.full, m.tangent, parts=m.parts + tuple(parts))
-
-
 def _second_moment(ctx: RuleContext, a) -> Tensor:
     """``E[a^2]`` for the weight-noise term; first order in the weights (glm) keeps only ``m_a^2``."""
     a_mean = mean_of(a)
@@ -146,8 +135,8 @@ def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: KronWeight | De
         if is_random(bias):
             parts.append(Moment(mean, bias.variance(), False))
         if not is_random(x):
-            return _with_parts(parts[0], parts[1:])
-        return _with_parts(_through_weights(mean, x, weight.mean.mT, 1.0), parts)
+            return parts[0].plus_parts(*parts[1:])
+        return x.left_multiplied(mean, weight.mean).plus_parts(*parts)
     x = x.materialised() if is_random(x) else x
     full_out = ctx.covariance == "full" or (is_random(x) and x.full)
     joint_bias = isinstance(weight, DenseWeight) and weight.with_bias

@@ -121,6 +121,14 @@ class Moment:
         """This moment as a sum of independent noises, each with its own root."""
         return (self.without_parts(),) + self.parts
 
+    def plus_parts(self, *parts: "Moment") -> "Moment":
+        """This moment plus further independent noises."""
+        return sum_of_parts(self.all_parts() + parts)
+
+    def left_multiplied(self, mean: Tensor, left: Tensor) -> "Moment":
+        """``left @ x`` for a deterministic ``left`` (..., C_out, C): every noise's tangent ``J <- left J``."""
+        return sum_of_parts([Moment(mean, p.var, p.full, matrix_jacobian(p, left)) for p in map(Moment.rooted_per_row, self.all_parts())])
+
     def chained(self, mean: Tensor, derivative: Tensor | float) -> "Moment":
         """``f(x)`` for an elementwise ``f`` with derivative ``derivative``: every noise's tangent scaled."""
         parts = tuple(p.chained(mean, derivative) for p in self.parts)
@@ -184,7 +192,12 @@ def merge_parts(mean: Tensor, terms: list[tuple[Tensor | float, Moment]]) -> Mom
                     break
             else:
                 merged.append((part, tangent))
-    first, *rest = (Moment(mean, root.var, root.full, tangent) for root, tangent in merged)
+    return sum_of_parts([Moment(mean, root.var, root.full, tangent) for root, tangent in merged])
+
+
+def sum_of_parts(parts) -> Moment:
+    """One moment made of independent noises (the first part carries the others)."""
+    first, *rest = parts
     return Moment(first.mean, first.var, first.full, first.tangent, parts=tuple(rest))
 
 

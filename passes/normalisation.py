@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .elementwise import add, mul, sub
-from .moment import MatrixTangent, Moment, diagonal_matrix, is_random, matrix_jacobian, mean_of
+from .moment import MatrixTangent, Moment, diagonal_matrix, is_random, mean_of
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -68,8 +68,7 @@ def _normalised_moment(x: Moment, z: Tensor, inv_std: Tensor, dims: tuple[int, .
     if full:  # centring and scaling correlate the entries, even of a diagonal input: J extends the tangent
         eye = torch.eye(n, dtype=z.dtype, device=z.device)
         jac = (eye - (1.0 + z.unsqueeze(-1) * z.unsqueeze(-2)) / n) * inv_std.unsqueeze(-1)
-        first, *rest = (Moment(z, p.var, p.full, matrix_jacobian(p, jac)) for p in map(Moment.rooted_per_row, x.all_parts()))
-        return Moment(z, first.var, first.full, first.tangent, parts=tuple(rest))
+        return x.left_multiplied(z, jac)
     x = x.materialised()
     v = x.variance()
     s0, s1, s2 = (v.sum(dims, keepdim=True), (z * v).sum(dims, keepdim=True), (z * z * v).sum(dims, keepdim=True))
