@@ -28,7 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import InputError, PersistenceError
-from .runtime import CARD_PREFIX, read_model_card
+from .emit import CARD_PREFIX, read_model_card
 
 FORMATS = ("onnx", "ort")
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -30,6 +30,21 @@ def quiet_torch() -> Iterator[None]:
         logger.setLevel(level)
 
 
+CARD_PREFIX = "momentprop."  # the model card's keys in the ONNX metadata
+
+
+def read_model_card(metadata: dict[str, str]) -> dict[str, object]:
+    """The ``momentprop.*`` entries of an ONNX file's metadata, without the prefix, JSON values decoded."""
+    card: dict[str, object] = {}
+    for key, value in metadata.items():
+        if key.startswith(CARD_PREFIX):
+            try:
+                card[key[len(CARD_PREFIX):]] = json.loads(value)
+            except ValueError:
+                card[key[len(CARD_PREFIX):]] = value
+    return card
+
+
 def output_names(likelihood: str | None, full: bool) -> list[str]:
     names = ["mean", "covariance" if full else "variance"]
     if likelihood == "classification":
@@ -89,7 +104,7 @@ def emit_onnx(
     del model.metadata_props[:]
     for key, value in model_card.items():
         entry = model.metadata_props.add()
-        entry.key = f"momentprop.{key}"
+        entry.key = CARD_PREFIX + key
         entry.value = value if isinstance(value, str) else json.dumps(value)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))

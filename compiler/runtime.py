@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from torch.export import ExportedProgram
 
 from ._version import __version__
 from .capture import is_sequence
-from .emit import emit_onnx, output_names
+from .emit import CARD_PREFIX, emit_onnx, output_names, read_model_card
 from momentprop.passes import heads
 
 from .errors import CalibrationError, InputError, PersistenceError, ProviderError
@@ -203,23 +202,10 @@ class CompiledModel:
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-CARD_PREFIX = "momentprop."
 _DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
 }
-
-
-def read_model_card(metadata: dict[str, str]) -> dict[str, object]:
-    """The ``momentprop.*`` entries of an ONNX file's metadata, without the prefix, JSON values decoded."""
-    card: dict[str, object] = {}
-    for key, value in metadata.items():
-        if key.startswith(CARD_PREFIX):
-            try:
-                card[key[len(CARD_PREFIX):]] = json.loads(value)
-            except ValueError:
-                card[key[len(CARD_PREFIX):]] = value
-    return card
 
 
 def _provider_list(provider: str | Sequence[str]) -> list[str]:
