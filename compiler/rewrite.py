@@ -20,7 +20,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from momentprop.passes import Moment, RuleContext, heads, lookup
-from momentprop.passes.weights import DenseWeight, KronWeight
+from momentprop.passes.weights import DenseWeight, FullVector, KronWeight
 from momentprop.passes.registry import Covariance
 
 from .capture import dynamic_shapes, with_batch_of_two
@@ -180,7 +180,7 @@ class MomentInterpreter(nn.Module):
         elif isinstance(spec, Dense):
             tensors = DenseWeight.prepare(spec.block, param.shape[1])
         else:
-            tensors = {"var": spec.cov}
+            tensors = FullVector.prepare(spec.cov)
         for field_name, tensor in tensors.items():
             self.register_buffer(_buffer_name(field_name, name), tensor.to(param.dtype).clone())
         self.posterior_kinds[name] = None if isinstance(spec, torch.Tensor) else spec
@@ -198,7 +198,7 @@ class MomentInterpreter(nn.Module):
                 mean, field("var"), full_block=field("full_block"), diag_block=field("diag_block"),
                 with_bias=spec.with_bias,
             )
-        return Moment(mean, field("var"), True)
+        return FullVector(mean, field("var"), True, q=field("q"), values=field("values"))
 
     def _bind(self, binding: tuple, user_inputs, moments: dict) -> object:
         if binding[0] == "input":

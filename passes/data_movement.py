@@ -67,9 +67,9 @@ def _relabelled(part: Moment, before: Tensor, after: Tensor, var_op, args, kwarg
     """One noise of a moment whose rows are regrouped: the tangent moves with the mean, the root stays (it is
     brought to the new rows when materialised), so other uses of the root still recognise it."""
     tangent = part.tangent
-    if isinstance(tangent, MatrixTangent) and (tangent.j.dim() > 2 or tangent.rows is not None):
+    if isinstance(tangent, MatrixTangent) and not tangent.is_shared_matrix:
         j = tangent.dense()
-        tangent = MatrixTangent(j.expand(*before.shape, j.shape[-1]).reshape(*after.shape, j.shape[-1]))
+        tangent = MatrixTangent.of(j.expand(*before.shape, j.shape[-1]).reshape(*after.shape, j.shape[-1]))
     elif isinstance(tangent, Tensor) and same_shape(tangent.shape, before.shape):
         tangent = var_op(tangent, *args, **kwargs)
     elif isinstance(tangent, Tensor) and tangent.dim() > 1:  # a partly broadcast Jacobian: materialise it

@@ -27,7 +27,7 @@ from torch import Tensor
 from .moment import MatrixTangent, Moment, broadcast_to, diagonal_matrix, is_random, mean_of
 from .registry import RuleContext, register
 from .shared_weight import SharedNoise
-from .weights import DenseWeight, KronWeight
+from .weights import DenseWeight, FullVector, KronWeight
 
 aten = torch.ops.aten
 
@@ -129,10 +129,13 @@ def _input_terms(a, w_mean: Tensor, elementwise, cov, full_out: bool):
 def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: KronWeight | DenseWeight, bias) -> Moment:
     """``x W^T + b`` for a weight with correlated entries: the weight noise ``E_x[Cov(W x | x)]`` from its
     structure, plus the input noise and the bias as for any weight."""
-    if isinstance(weight, KronWeight) and ctx.covariance == "full" and not (is_random(bias) and bias.full):
+    bias_as_part = not (is_random(bias) and bias.full) or isinstance(bias, FullVector)
+    if isinstance(weight, KronWeight) and ctx.covariance == "full" and bias_as_part:
         # the weight noise as a part: diagonal in the output eigenbasis Q_out, so no (C, C) covariance is formed
-        parts = [Moment(mean, weight.eigen_noise(mean_of(x) if ctx.first_order else x), False, MatrixTangent(weight.q_out))]
-        if is_random(bias):
+        parts = [Moment(mean, weight.eigen_noise(mean_of(x) if ctx.first_order else x), False, MatrixTangent.of(weight.q_out))]
+        if isinstance(bias, FullVector):
+            parts.append(bias.noise_part(mean))
+        elif is_random(bias):
             parts.append(Moment(mean, bias.variance(), False))
         if not is_random(x):
             return parts[0].plus_parts(*parts[1:])

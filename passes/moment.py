@@ -44,15 +44,69 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, eq=False)
 class MatrixTangent:
-    """A pending Jacobian ``diag(rows) j``: ``j`` of shape ``(..., C, R)`` (leading dims may be absent: one J for
-    every row), ``rows`` an elementwise derivative not yet multiplied in (None: 1), so that a chain of
-    activations scales ``(..., C)`` numbers and the next linear layer folds them into its weight."""
+    """A Jacobian kept as its factors, ``J = diag(d_k) F_k diag(d_(k-1)) ... F_1 diag(d_0)``: ``matrices`` are
+    ``F_1 .. F_k`` (innermost first, each ``(..., C_i, C_(i-1))``, leading dims absent for one matrix shared by
+    every row) and ``diagonals`` are ``d_0 .. d_k`` (elementwise derivatives, None for 1).
 
-    j: Tensor
-    rows: Tensor | None = None
+    Layers only append factors; the product is formed once, when the moment is materialised or combined, and
+    from its smaller end: a network's output ``W_3 diag(r_2) W_2 diag(r_1)`` on a hidden root becomes
+    ``(points, outputs, width)`` products instead of a ``(points, width, width)`` Jacobian per layer.  A diagonal
+    ``d_0`` next to a diagonal root is folded into the root's variance and never multiplied into a matrix."""
+
+    matrices: tuple[Tensor, ...]
+    diagonals: tuple[Tensor | None, ...]
+
+    @staticmethod
+    def of(j: Tensor, rows: Tensor | None = None, cols: Tensor | None = None) -> "MatrixTangent":
+        """``diag(rows) j diag(cols)``."""
+        return MatrixTangent((j,), (cols, rows))
+
+    @property
+    def root_size(self) -> int:
+        return self.matrices[0].shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrices[0].dtype
+
+    @property
+    def is_shared_matrix(self) -> bool:
+        """One matrix for every row and nothing pending."""
+        return len(self.matrices) == 1 and self.matrices[0].dim() == 2 and all(d is None for d in self.diagonals)
+
+    def then(self, left: Tensor) -> "MatrixTangent":
+        """``left @ J``."""
+        return MatrixTangent(self.matrices + (left,), self.diagonals + (None,))
+
+    def scaled(self, derivative: Tensor | float) -> "MatrixTangent":
+        """``diag(derivative) J``."""
+        *inner, rows = self.diagonals
+        if not isinstance(derivative, Tensor):
+            if rows is None:
+                return MatrixTangent(self.matrices[:-1] + (derivative * self.matrices[-1],), self.diagonals)
+            return MatrixTangent(self.matrices, (*inner, derivative * rows))
+        derivative = derivative.to(self.dtype)
+        return MatrixTangent(self.matrices, (*inner, derivative if rows is None else derivative * rows))
+
+    def without_cols(self) -> tuple["MatrixTangent", Tensor | None]:
+        """``(J diag(d_0)^-1, d_0)``: the product without its innermost diagonal, and that diagonal."""
+        cols = self.diagonals[0]
+        return (self if cols is None else MatrixTangent(self.matrices, (None, *self.diagonals[1:]))), cols
 
     def dense(self) -> Tensor:
-        return self.j if self.rows is None else self.rows.to(self.j.dtype).unsqueeze(-1) * self.j
+        """The product, formed from the output end when it is the smaller one (else from the root end)."""
+        matrices, diagonals = self.matrices, self.diagonals
+        if len(matrices) > 1 and matrices[-1].shape[-2] < matrices[0].shape[-1]:
+            j = matrices[-1]
+            for d, m in zip(reversed(diagonals[1:-1]), reversed(matrices[:-1])):
+                j = (j if d is None else j * d.unsqueeze(-2)) @ m
+            if diagonals[0] is not None:
+                j = j * diagonals[0].unsqueeze(-2)
+        else:
+            j = matrices[0] if diagonals[0] is None else matrices[0] * diagonals[0].unsqueeze(-2)
+            for d, m in zip(diagonals[1:-1], matrices[1:]):
+                j = m @ (j if d is None else d.unsqueeze(-1) * j)
+        return j if diagonals[-1] is None else diagonals[-1].unsqueeze(-1) * j
 
 
 Tangent = Union[Tensor, float, MatrixTangent, None]
@@ -79,7 +133,7 @@ class Moment:
             return self
         jac = 1.0 if self.tangent is None else self.tangent
         if isinstance(jac, MatrixTangent):
-            return self._materialised_matrix(jac.dense())
+            return self._materialised_matrix(jac)
         var = self._root_in_rows()
         if not self.full:
             return Moment(self.mean, broadcast_to(_squared(jac) * var, self.mean.shape), False)
@@ -90,13 +144,22 @@ class Moment:
         size = self.feature_size
         return Moment(self.mean, broadcast_to(cov, (*self.mean.shape, size)), True)
 
-    def _materialised_matrix(self, j: Tensor) -> "Moment":
-        rows, size = self.mean.shape[:-1], j.shape[-1]
+    def _materialised_matrix(self, tangent: MatrixTangent) -> "Moment":
+        rows, size = self.mean.shape[:-1], tangent.root_size
         if self.full:
+            j = tangent.dense()
             cov = j @ self.var.reshape(*rows, size, size) @ j.mT
         else:
-            cov = (j * self.var.reshape(*rows, 1, size)) @ j.mT
+            j, root = self._folded_root(tangent)
+            cov = (j * root.unsqueeze(-2)) @ j.mT
         return Moment(self.mean, broadcast_to(cov, (*self.mean.shape, self.feature_size)), True)
+
+    def _folded_root(self, tangent: MatrixTangent) -> tuple[Tensor, Tensor]:
+        """``(J', v')`` with ``J diag(v) J^T = J' diag(v') J'^T``: the tangent's innermost diagonal moved into the
+        (diagonal) root's variance, laid out per row."""
+        tangent, cols = tangent.without_cols()
+        root = self.var.reshape(*self.mean.shape[:-1], tangent.root_size)
+        return tangent.dense(), root if cols is None else root * (cols * cols)
 
     def _root_in_rows(self) -> Tensor:
         """The root's variance in the mean's row layout (a reshape moved the rows of the mean and the tangent but
@@ -145,9 +208,8 @@ class Moment:
                 total = total + p.variance()
             return total
         if isinstance(self.tangent, MatrixTangent) and not self.full:  # diag(J diag(v) J^T) = (J * J) v
-            j = self.tangent.dense()
-            root = self.var.reshape(*self.mean.shape[:-1], j.shape[-1], 1)
-            return broadcast_to(((j * j) @ root).squeeze(-1), self.mean.shape)
+            j, root = self._folded_root(self.tangent)
+            return broadcast_to(((j * j) @ root.unsqueeze(-1)).squeeze(-1), self.mean.shape)
         m = self.materialised()
         return torch.diagonal(m.var, dim1=-2, dim2=-1) if m.full else m.var
 
@@ -249,11 +311,7 @@ def chain(derivative: Tensor | float, tangent: Tangent) -> Tangent:
     if isinstance(derivative, float) and derivative == 1.0:
         return tangent
     if isinstance(tangent, MatrixTangent):
-        if not isinstance(derivative, Tensor):
-            return MatrixTangent(derivative * tangent.j, tangent.rows)
-        if tangent.rows is not None:
-            derivative = derivative.to(tangent.j.dtype) * tangent.rows.to(tangent.j.dtype)
-        return MatrixTangent(tangent.j, derivative)
+        return tangent.scaled(derivative)
     if isinstance(tangent, float) and tangent == 1.0:
         return derivative
     return derivative * tangent
@@ -264,28 +322,25 @@ def add_tangents(a: Tangent, b: Tangent) -> Tangent:
     matrix."""
     if not isinstance(a, MatrixTangent) and not isinstance(b, MatrixTangent):
         return a + b
-    like = (a if isinstance(a, MatrixTangent) else b).j
-    a, b = (_as_matrix(t, like) for t in (a, b))
-    return MatrixTangent(a.dense() + b.dense())
+    like = a if isinstance(a, MatrixTangent) else b
+    return MatrixTangent.of(_as_dense(a, like) + _as_dense(b, like))
 
 
-def _as_matrix(tangent: Tangent, like: Tensor) -> MatrixTangent:
+def _as_dense(tangent: Tangent, like: MatrixTangent) -> Tensor:
     if isinstance(tangent, MatrixTangent):
-        return tangent
-    eye = torch.eye(like.shape[-1], dtype=like.dtype, device=like.device)
-    return MatrixTangent(tangent.unsqueeze(-1) * eye if isinstance(tangent, Tensor) else tangent * eye)
+        return tangent.dense()
+    eye = torch.eye(like.root_size, dtype=like.dtype, device=like.matrices[0].device)
+    return tangent.unsqueeze(-1) * eye if isinstance(tangent, Tensor) else tangent * eye
 
 
 def matrix_jacobian(m: Moment, left: Tensor) -> MatrixTangent:
     """The tangent of ``left @ x`` (``left``: (..., C_out, C)) for a moment ``x`` with any tangent."""
     tangent = m.tangent
     if isinstance(tangent, MatrixTangent):
-        if tangent.rows is not None:
-            left = left * tangent.rows.to(left.dtype).unsqueeze(-2)
-        return MatrixTangent(left @ tangent.j)
-    if isinstance(tangent, Tensor):
-        return MatrixTangent(left * tangent.to(left.dtype).unsqueeze(-2))
-    return MatrixTangent(left if tangent is None else tangent * left)
+        return tangent.then(left)
+    if isinstance(tangent, Tensor):  # J = left diag(t): t stays a pending diagonal next to the root
+        return MatrixTangent.of(left, cols=tangent.to(left.dtype))
+    return MatrixTangent.of(left if tangent is None else tangent * left)
 
 
 def same_root(a: Moment, b: Moment) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .moment import Moment, diagonal_matrix
+from .moment import MatrixTangent, Moment, broadcast_to, diagonal_matrix
 
 
 def second_moment_input(a: object) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -63,6 +63,25 @@ class KronWeight(Moment):
         if cov is not None:
             z2 = z2 + ((cov @ self.q_in) * self.q_in).sum(-2)
         return z2 @ self.d.T
+
+
+@dataclass(frozen=True, eq=False)
+class FullVector(Moment):
+    """A 1-D parameter (a bias) with a dense covariance ``var = Q diag(values) Q^T``; ``Q`` and ``values`` are
+    computed once at compile time."""
+
+    q: Tensor = field(kw_only=True)
+    values: Tensor = field(kw_only=True)
+
+    @staticmethod
+    def prepare(cov: Tensor) -> dict[str, Tensor]:
+        values, q = torch.linalg.eigh(cov.double())
+        return {"var": cov, "q": q.to(cov.dtype), "values": values.clamp_min(0.0).to(cov.dtype)}
+
+    def noise_part(self, mean: Tensor) -> Moment:
+        """Its noise added to ``mean`` (..., C), as a part: a diagonal root per row in the eigenbasis ``Q``, so no
+        (C, C) covariance is formed per row."""
+        return Moment(mean, broadcast_to(self.values, mean.shape), False, MatrixTangent.of(self.q))
 
 
 @dataclass(frozen=True, eq=False)
