@@ -129,11 +129,10 @@ def _input_terms(a, w_mean: Tensor, elementwise, cov, full_out: bool):
 def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: KronWeight | DenseWeight, bias) -> Moment:
     """``x W^T + b`` for a weight with correlated entries: the weight noise ``E_x[Cov(W x | x)]`` from its
     structure, plus the input noise and the bias as for any weight."""
-    bias_as_part = not (is_random(bias) and bias.full) or isinstance(bias, FullVector)
-    if isinstance(weight, KronWeight) and ctx.covariance == "full" and bias_as_part:
+    if isinstance(weight, KronWeight) and ctx.covariance == "full":
         # the weight noise as a part: diagonal in the output eigenbasis Q_out, so no (C, C) covariance is formed
         parts = [Moment(mean, weight.eigen_noise(mean_of(x) if ctx.first_order else x), False, MatrixTangent.of(weight.q_out))]
-        if isinstance(bias, FullVector):
+        if isinstance(bias, FullVector):  # a dense bias covariance: a part in its own eigenbasis
             parts.append(bias.noise_part(mean))
         elif is_random(bias):
             parts.append(Moment(mean, bias.variance(), False))

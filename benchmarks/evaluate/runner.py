@@ -1,5 +1,8 @@
 """Runs every method on every posterior of one :class:`~.registry.Problem` and returns one record per
-(posterior, method): metrics, time per 1,000 test points, peak extra memory, and the latent-variance error."""
+(posterior, method): metrics, time per 1,000 test points, peak extra memory, and the latent-variance error.
+
+A *point* is one prediction: one input row for flat inputs, one position (token) for a sequence model whose
+output is ``(N, T, C)``; times are per 1,000 points and the metrics average over points."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from . import methods as M
 from .metrics import classification_metrics, gaussian_metrics, mixture_metrics, relative_error_stats
@@ -44,6 +48,8 @@ def fit_posteriors(problem: Problem, tick: Callable[[str], None]) -> list[Poster
     s, lik, cfg = problem.split, problem.likelihood, problem.train
     train_map_fn = problem.train_map or train_map
     train_ivon_fn = problem.train_ivon or train_ivon
+    fit_laplace_fn = problem.fit_laplace or fit_laplace
+    ivon_posterior_fn = problem.ivon_posterior or ivon_posterior
     out: list[Posterior] = []
     map_model, sigma = None, None
     for name in problem.posteriors:
@@ -53,14 +59,14 @@ def fit_posteriors(problem: Problem, tick: Callable[[str], None]) -> list[Poster
                 map_model = train_map_fn(problem.make_model(problem.seed), s, lik, cfg, problem.seed)
                 sigma = residual_sigma(map_model, s.x_val, s.y_val) if lik == "regression" else None
         if name.startswith("laplace-"):
-            post = fit_laplace(copy.deepcopy(map_model), s, lik, name.split("-", 1)[1], sigma=sigma,
+            post = fit_laplace_fn(copy.deepcopy(map_model), s, lik, name.split("-", 1)[1], sigma=sigma,
                                tune_points=problem.tune_points, seed=problem.seed)
         elif name == "ivon":
             model = problem.make_model(problem.seed)
             train_sigma = max(sigma, cfg.ivon_noise_floor) if lik == "regression" else 1.0
             opt = train_ivon_fn(model, s, lik, cfg, problem.seed, sigma=train_sigma)
             ivon_sigma = residual_sigma(model, s.x_val, s.y_val) if lik == "regression" else None
-            post = ivon_posterior(model, opt, lik, s.x_train, ivon_sigma)
+            post = ivon_posterior_fn(model, opt, lik, s.x_train, ivon_sigma)
         else:
             raise ValueError(f"unknown posterior {name!r}")
         post.fit_s = time.perf_counter() - t0  # type: ignore[attr-defined]
@@ -74,15 +80,22 @@ def run_problem(problem: Problem, tick: Callable[[str], None] = lambda _: None) 
     records: list[dict] = []
     posteriors = fit_posteriors(problem, tick)
     with torch.no_grad():
-        n_out = int(posteriors[0].model(s.x_test[:1]).shape[-1])
+        example_out = posteriors[0].model(s.x_test[:1])
+    n_out = int(example_out.shape[-1])  # outputs per point (classes)
+    positions = int(example_out[0].numel()) // n_out  # points per input row (tokens per sequence; 1 for flat inputs)
+    test_points = len(s.x_test) * positions
     x_ref = s.x_test[: problem.reference_points]
+    x_cal, y_cal = s.x_val[: problem.calibration_points], s.y_val[: problem.calibration_points]
+    calibration = DataLoader(TensorDataset(x_cal, y_cal), batch_size=problem.predict_chunk or len(x_cal))
     for post in posteriors:
         base = dict(task=problem.task, dataset=problem.dataset, seed=problem.seed, posterior=post.name,
-                    n_test=len(s.x_test), n_train=len(s.x_train), reference_samples=problem.reference_samples, prior_precision=post.prior_precision,
+                    n_test=len(s.x_test), n_train=len(s.x_train), n_test_points=test_points, n_outputs=n_out,
+                    n_train_points=len(s.x_train) * positions, reference_samples=problem.reference_samples, prior_precision=post.prior_precision,
                     sigma_noise=None if post.sigma_noise is None else post.sigma_noise * s.y_scale)
         # the Monte Carlo reference of the latent variance (10,000 samples, on x_ref)
         t0 = time.perf_counter()
-        ref_var = M.mc_latent_variance(post, x_ref, problem.reference_samples, seed=10_000 + problem.seed)
+        ref_var = M.mc_latent_variance(post, x_ref, problem.reference_samples, seed=10_000 + problem.seed,
+                                       vectorised=problem.mc_vectorised)
         ref_s = time.perf_counter() - t0
         tick(f"{post.name}: MC-{problem.reference_samples} reference")
         latent: dict[str, np.ndarray] = {}
@@ -99,16 +112,17 @@ def run_problem(problem: Problem, tick: Callable[[str], None] = lambda _: None) 
             tick(f"{post.name}: {method}")
 
         def run(method: str, predict, **extra) -> None:
-            measured = M.measure(predict, s.x_test)
+            measured = M.measure(predict, s.x_test, test_points)
             ood = predict(s.x_ood) if (s.x_ood is not None and problem.likelihood == "classification") else None
             record(method, measured, ood, **extra)
 
         run("map", M.map_predictor(post))
         for n in problem.mc_samples:
             if n == 1000:
-                latent[f"mc-{n}"] = M.mc_latent_variance(post, x_ref, n, seed=problem.seed)
-            run(f"mc-{n}", M.mc_predictor(post, n, seed=problem.seed))
-        fits, why = M.glm_fits(post, problem.glm_chunk, n_out)
+                latent[f"mc-{n}"] = M.mc_latent_variance(post, x_ref, n, seed=problem.seed,
+                                                         vectorised=problem.mc_vectorised)
+            run(f"mc-{n}", M.mc_predictor(post, n, seed=problem.seed, vectorised=problem.mc_vectorised))
+        fits, why = M.glm_fits(post, problem.glm_chunk, n_out * positions)
         if fits:
             latent["glm"] = M.glm_latent_variance(post, x_ref, problem.glm_chunk)
             run("glm", M.glm_predictor(post, problem.glm_chunk))
@@ -118,12 +132,27 @@ def run_problem(problem: Problem, tick: Callable[[str], None] = lambda _: None) 
             t0 = time.perf_counter()
             cm = M.compile_posterior(post, s.x_train[:2], covariance)
             compile_s = time.perf_counter() - t0
-            latent[name] = M.compiled_latent_variance(cm, x_ref)
-            run(name, M.compiled_predictor(cm, problem.likelihood), setup_s=compile_s)
+            predictor = M.compiled_predictor(cm, problem.likelihood, problem.predict_chunk)
             t0 = time.perf_counter()
-            scale = cm.calibrate((s.x_val, s.y_val))
-            run(f"{name}+cal", M.compiled_predictor(cm, problem.likelihood), setup_s=time.perf_counter() - t0,
-                variance_scale=scale)
+            latent[name] = M.compiled_latent_variance(cm, x_ref, problem.predict_chunk)
+            per_row_s = (time.perf_counter() - t0) / len(x_ref)
+            projected_s = per_row_s * (2 * len(s.x_test) + len(x_cal))
+            if covariance == "full" and problem.full_budget_s is not None and projected_s > problem.full_budget_s:
+                # time it (and its memory) on the reference rows only; the record says why the rest was not run
+                on_ref = M.measure(predictor, x_ref, len(x_ref) * positions)
+                note = (f"not run on the test set: the full {n_out:,} x {n_out:,} output covariance per point costs "
+                        f"{on_ref.ms_per_1000:,.0f} ms per 1,000 points (timed on the {len(x_ref) * positions:,} "
+                        f"reference points, where its latent variance is checked), so the test set twice and "
+                        f"calibration would take ~{projected_s:,.0f} s per posterior and seed, over the "
+                        f"{problem.full_budget_s:,.0f} s allowed")
+                record(name, None, note=note, setup_s=compile_s, ms_per_1000=on_ref.ms_per_1000,
+                       peak_mib=on_ref.peak_mib)
+                record(f"{name}+cal", None, note=note)
+                continue
+            run(name, predictor, setup_s=compile_s)
+            t0 = time.perf_counter()
+            scale = cm.calibrate(calibration)
+            run(f"{name}+cal", predictor, setup_s=time.perf_counter() - t0, variance_scale=scale)
         for row in records:
             if row["posterior"] == post.name:
                 row.setdefault("fit_s", post.fit_s)  # type: ignore[attr-defined]
