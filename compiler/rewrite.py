@@ -24,7 +24,7 @@ from momentprop.passes.weights import DenseWeight, FullVector, KronWeight
 from momentprop.passes.registry import Covariance
 
 from .capture import dynamic_shapes, with_batch_of_two
-from .errors import CaptureError, UnsupportedOpError
+from .errors import CaptureError, InputError, UnsupportedOpError
 from .posterior import Dense, Kron, ParameterPosterior, Posterior, canonical_names
 
 LINEAR_FAMILY = {
@@ -46,6 +46,21 @@ class RewriteConfig:
 
 def _buffer_name(prefix: str, name: str) -> str:
     return prefix + "__" + re.sub(r"[^0-9a-zA-Z_]", "_", name)
+
+
+# the largest feature dimension whose covariance is formed per row (4096^2 float32 = 64 MiB per row or token)
+MAX_FULL_FEATURES = 4096
+
+
+def _check_full_size(value: object, where: str) -> None:
+    if isinstance(value, Moment) and value.feature_size > MAX_FULL_FEATURES:
+        size = value.feature_size
+        raise InputError(
+            f"a full covariance over {size:,} features ({size * size * 4 / 2**20:,.0f} MiB per row, per token for a "
+            f"sequence) would be formed in {where}.\nFull covariance is limited to {MAX_FULL_FEATURES:,} features. "
+            "What you can do: use covariance='diag' without output_covariance (variances only, the paper's rule), "
+            "or make the layers with that many outputs deterministic (leave them out of the posterior)."
+        )
 
 
 def _describe(node: torch.fx.Node) -> str:
@@ -225,7 +240,10 @@ class MomentInterpreter(nn.Module):
             args, kwargs = pytree.tree_map_only(Moment, Moment.materialised, (args, kwargs))
         covariance = "full" if node is self.final_layer else self.config.covariance
         ctx = RuleContext(covariance, self.config.attention, self.config.predictive, node in self.attention_weights)
-        return rule.fn(ctx, *args, **kwargs)
+        out = rule.fn(ctx, *args, **kwargs)
+        if covariance == "full":
+            pytree.tree_map_only(Moment, lambda m: _check_full_size(m, _describe(node)), out)
+        return out
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``inputs``: the model's inputs, followed by one elementwise variance per input under input_variance."""

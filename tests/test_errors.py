@@ -69,6 +69,13 @@ def test_bad_options(model, x, options, match):
         mp.compile(model, 1e-3, (x,), **options)
 
 
+@pytest.mark.parametrize("options", [{"covariance": "full"}, {"output_covariance": True}], ids=["full", "output"])
+def test_full_covariance_over_a_vocabulary_sized_output_is_refused_with_advice(options):
+    wide = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 5000))
+    with pytest.raises(mp.InputError, match=r"5,000 features.*module '2'(?s:.*)covariance='diag'"):
+        mp.compile(wide, 1e-3, (torch.randn(2, 4),), **options)
+
+
 class Cumulative(nn.Module):
     def __init__(self):
         super().__init__()
