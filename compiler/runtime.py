@@ -153,7 +153,7 @@ class CompiledModel:
         full = self.returns_covariance
         if self.likelihood == "classification":
             probs = heads.class_probabilities(mean, var, full, self.info.link)
-            picked = probs.gather(-1, labels.long().reshape(-1, 1)).squeeze(-1)
+            picked = probs.gather(-1, labels.long().reshape(*probs.shape[:-1], 1)).squeeze(-1)  # (N, ..., C) outputs
             return float(-torch.log(picked.clamp_min(1e-12)).mean())
         target = labels.reshape(mean.shape).to(mean.dtype)
         noise = torch.tensor((self.sigma_noise or 0.0) ** 2, dtype=mean.dtype)

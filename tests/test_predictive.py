@@ -72,6 +72,33 @@ def test_calibration_accepts_labels_of_shape_b_and_b1():
     assert scales[0] == pytest.approx(scales[1])
 
 
+class TokenClassifier(nn.Module):
+    """Token ids (N, T) -> logits (N, T, C), or flattened to (N * T, C) with the same parameters."""
+
+    def __init__(self, flat: bool = False):
+        super().__init__()
+        torch.manual_seed(11)
+        self.embed, self.head, self.flat = nn.Embedding(10, 8), nn.Linear(8, 5), flat
+
+    def forward(self, ids):
+        out = self.head(torch.tanh(self.embed(ids)))
+        return out.reshape(-1, out.shape[-1]) if self.flat else out
+
+
+def test_calibration_of_a_sequence_classifier_equals_calibrating_it_flattened():
+    """Outputs (N, T, C) with labels (N, T): the same scale as for the same model with outputs (N * T, C)."""
+    g = torch.Generator().manual_seed(12)
+    ids, labels = torch.randint(0, 10, (16, 6), generator=g), torch.randint(0, 5, (16, 6), generator=g)
+    scales = []
+    for flat in (False, True):
+        model = TokenClassifier(flat)
+        posterior = {"head.weight": torch.full((5, 8), 0.05)}
+        cm = mp.compile(model, posterior, (ids[:2],), likelihood="classification")
+        scales.append(cm.calibrate((ids, labels.reshape(-1) if flat else labels)))
+    assert scales[0] == pytest.approx(scales[1], rel=1e-5)
+    assert scales[0] != pytest.approx(1.0)
+
+
 def test_calibration_never_worse_on_its_own_data():
     """A posterior that is already right: the fitted scale may stay, but the NLPD must not rise."""
     model = make_mlp([6, 16, 3], nn.Tanh, seed=7)
