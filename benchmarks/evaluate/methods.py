@@ -224,32 +224,13 @@ def glm_latent_variance(post: Posterior, x: torch.Tensor, chunk: int) -> np.ndar
     return torch.cat(parts).numpy()
 
 
-class OutputRows(torch.nn.Module):
-    """A classifier with outputs ``(N, T, C)`` seen as ``(N * T, C)``: one row per point.  Only for compiling:
-    ``CompiledModel.calibrate`` gathers the labels' probabilities from 2-D outputs only (on ``(N, T, C)`` it
-    raises ``RuntimeError: Index tensor must have the same number of dimensions as input tensor``).  Same
-    parameters, so the posterior (laplace-torch order or IVON's parameter objects) maps onto it unchanged."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        return out.reshape(-1, out.shape[-1])
-
-
 def compile_posterior(post: Posterior, x_example: torch.Tensor, covariance: str):
     import momentprop as mp
 
     kwargs = {}
     if post.likelihood == "regression":
         kwargs["sigma_noise"] = post.sigma_noise
-    model = post.model
-    with torch.no_grad():
-        if post.likelihood == "classification" and model(x_example).dim() > 2:
-            model = OutputRows(model)
-    return mp.compile(model, post.compile_source, example_inputs=(x_example,), covariance=covariance,
+    return mp.compile(post.model, post.compile_source, example_inputs=(x_example,), covariance=covariance,
                       likelihood=post.likelihood, **kwargs)
 
 

@@ -170,6 +170,21 @@ def _sampled_nlpd(post: "Posterior", x: torch.Tensor, y: torch.Tensor, samples: 
     return mixture_metrics(f.numpy(), post.sigma_noise, y.numpy(), 1.0)["nlpd"]
 
 
+def tune_prior_precision(post: Posterior, x: torch.Tensor, y: torch.Tensor, grid: tuple[float, ...], samples: int,
+                         seed: int) -> float:
+    """Set ``post.laplace.prior_precision`` to the grid value with the lowest validation NLPD of the sampling
+    predictive (``samples`` draws of laplace-torch's ``la.sample``, common random numbers), as ``fit_laplace``
+    does; returns it."""
+    scores = []
+    for prec in grid:
+        post.laplace.prior_precision = prec
+        scores.append(_sampled_nlpd(post, x, y, samples, seed))
+    best = grid[int(np.nanargmin(scores))]
+    post.laplace.prior_precision = best
+    post.prior_precision = best
+    return best
+
+
 def fit_laplace(model: nn.Module, split: Split, likelihood: str, structure: str, sigma: float | None = None,
                 tune_points: int = 1000, tune_samples: int = 100, grid: tuple[float, ...] = PRIOR_GRID,
                 seed: int = 0) -> Posterior:
@@ -188,15 +203,8 @@ def fit_laplace(model: nn.Module, split: Split, likelihood: str, structure: str,
     la.fit(DataLoader(TensorDataset(split.x_train, split.y_train), batch_size=256))
     use_plain_jacobians(la, plain)
     post = Posterior(f"laplace-{structure}", model, likelihood, la, la, sigma_noise=sigma, plain_model=plain)
-    xv, yv = split.x_val[:tune_points], split.y_val[:tune_points]
-    scores = []
-    for prec in grid:
-        la.prior_precision = prec
-        scores.append(_sampled_nlpd(post, xv, yv, tune_samples, seed))
-    if not grid: return post
-    best = grid[int(np.nanargmin(scores))]
-    la.prior_precision = best
-    post.prior_precision = best
+    if grid:
+        tune_prior_precision(post, split.x_val[:tune_points], split.y_val[:tune_points], grid, tune_samples, seed)
     return post
 
 
@@ -230,20 +238,26 @@ def ivon_variances(optimizer) -> torch.Tensor:
 
 
 def ivon_posterior(model: nn.Module, optimizer, likelihood: str, x_example: torch.Tensor,
-                   sigma: float | None = None) -> Posterior:
+                   sigma: float | None = None, backend=None, view: Callable[[nn.Module], nn.Module] | None = None,
+                   laplace_input: Callable | None = None) -> Posterior:
     """IVON's mean-field posterior, with a laplace-torch DiagLaplace carrying the same diagonal precision (zero
-    Hessian, per-parameter prior precision 1 / variance) for laplace-torch's GLM predictive."""
+    Hessian, per-parameter prior precision 1 / variance) for laplace-torch's GLM predictive.
+
+    The DiagLaplace uses BackPACK's GGN on ``model`` itself unless a ``backend`` is given (laplace-torch refuses
+    BackPACK when some parameters are frozen) and, for sequence models, on ``view(model)`` (one output row per
+    point) with ``laplace_input`` turning test inputs into that view's points."""
     import laplace
     from laplace.curvature import BackPackGGN
 
     var = ivon_variances(optimizer)
     mean = parameters_to_vector([p for p in model.parameters() if p.requires_grad]).detach().clone()
     kwargs = {"sigma_noise": sigma} if likelihood == "regression" else {}
-    plain = copy.deepcopy(model)
-    la = laplace.Laplace(model, likelihood, subset_of_weights="all", hessian_structure="diag", backend=BackPackGGN,
-                         prior_precision=1.0 / var, **kwargs)
+    plain = copy.deepcopy(model) if backend is None else None
+    la = laplace.Laplace(model if view is None else view(model), likelihood, subset_of_weights="all",
+                         hessian_structure="diag", backend=backend or BackPackGGN, prior_precision=1.0 / var, **kwargs)
     la.mean = mean
-    use_plain_jacobians(la, plain)
+    if plain is not None:
+        use_plain_jacobians(la, plain)
     with torch.no_grad():  # what la.fit would set: the backend's Jacobians loop over the outputs
         la.model.output_size = int(model(x_example[:1]).shape[-1])
     assert torch.allclose(la.posterior_variance, var, rtol=1e-5), "DiagLaplace does not carry IVON's variance"
@@ -252,7 +266,10 @@ def ivon_posterior(model: nn.Module, optimizer, likelihood: str, x_example: torc
     def sampler(n: int, generator: torch.Generator) -> torch.Tensor:
         return mean + std * torch.randn(n, len(mean), generator=generator)
 
-    return Posterior("ivon", model, likelihood, la, optimizer, sigma_noise=sigma, sampler=sampler, plain_model=plain)
+    post = Posterior("ivon", model, likelihood, la, optimizer, sigma_noise=sigma, sampler=sampler, plain_model=plain)
+    if laplace_input is not None:
+        post.laplace_input = laplace_input  # type: ignore[attr-defined]
+    return post
 
 
 # ------------------------------------------------------------------------------------------- sequence (token) models
@@ -339,21 +356,6 @@ class TokenPoints(nn.Module):
         return self.model(ids)[torch.arange(len(ids)), position]
 
 
-def tune_prior_precision(post: Posterior, x: torch.Tensor, y: torch.Tensor, grid: tuple[float, ...], samples: int,
-                         seed: int) -> float:
-    """Set ``post.laplace.prior_precision`` to the grid value with the lowest validation NLPD of the sampling
-    predictive (``samples`` draws of laplace-torch's ``la.sample``, common random numbers), as ``fit_laplace``
-    does; returns it."""
-    scores = []
-    for prec in grid:
-        post.laplace.prior_precision = prec
-        scores.append(_sampled_nlpd(post, x, y, samples, seed))
-    best = grid[int(np.nanargmin(scores))]
-    post.laplace.prior_precision = best
-    post.prior_precision = best
-    return best
-
-
 def fit_laplace_tokens(model: nn.Module, split: Split, likelihood: str, structure: str, sigma: float | None = None,
                        tune_points: int = 8, seed: int = 0, fit_tokens: int = 2048, tune_samples: int = 30,
                        grid: tuple[float, ...] = PRIOR_GRID) -> Posterior:
@@ -394,29 +396,12 @@ def fit_laplace_tokens(model: nn.Module, split: Split, likelihood: str, structur
 
 def ivon_posterior_tokens(model: nn.Module, optimizer, likelihood: str, x_example: torch.Tensor,
                           sigma: float | None = None) -> Posterior:
-    """IVON's mean-field posterior of a sequence model whose deterministic parameters have requires_grad=False
-    (``ivon_posterior`` builds its DiagLaplace with BackPACK, which laplace-torch refuses then): the same, with the
-    DiagLaplace (zero Hessian, prior precision 1 / IVON's variance) over :class:`TokenPoints` and laplace-torch's
-    ``CurvlinopsGGN`` backend."""
-    import laplace
+    """:func:`ivon_posterior` of a sequence model whose deterministic parameters have requires_grad=False: the
+    DiagLaplace over :class:`TokenPoints` with laplace-torch's ``CurvlinopsGGN`` backend."""
     from laplace.curvature import CurvlinopsGGN
 
-    var = ivon_variances(optimizer)
-    mean = parameters_to_vector([p for p in model.parameters() if p.requires_grad]).detach().clone()
-    la = laplace.Laplace(TokenPoints(model), likelihood, subset_of_weights="all", hessian_structure="diag",
-                         backend=CurvlinopsGGN, prior_precision=1.0 / var)
-    la.mean = mean
-    with torch.no_grad():
-        la.model.output_size = int(model(x_example[:1]).shape[-1])
-    assert torch.allclose(la.posterior_variance, var, rtol=1e-5), "DiagLaplace does not carry IVON's variance"
-    std = var.sqrt()
-
-    def sampler(n: int, generator: torch.Generator) -> torch.Tensor:
-        return mean + std * torch.randn(n, len(mean), generator=generator)
-
-    post = Posterior("ivon", model, likelihood, la, optimizer, sigma_noise=sigma, sampler=sampler)
-    post.laplace_input = token_points  # type: ignore[attr-defined]  (how laplace-torch's GLM sees test sequences)
-    return post
+    return ivon_posterior(model, optimizer, likelihood, x_example, sigma, backend=CurvlinopsGGN, view=TokenPoints,
+                          laplace_input=token_points)
 
 
 def token_points(ids: torch.Tensor) -> torch.Tensor:
@@ -481,22 +466,6 @@ def fit_laplace_subset(model: nn.Module, split: Split, likelihood: str, structur
 
 def ivon_posterior_subset(model: nn.Module, optimizer, likelihood: str, x_example: torch.Tensor,
                           sigma: float | None = None) -> Posterior:
-    """``ivon_posterior`` for a model whose deterministic parameters have requires_grad=False (IVON then holds only
-    the random ones): the DiagLaplace carrying IVON's precision uses :func:`per_sample_ggn_backend`."""
-    import laplace
-
-    var = ivon_variances(optimizer)
-    mean = parameters_to_vector([p for p in model.parameters() if p.requires_grad]).detach().clone()
-    kwargs = {"sigma_noise": sigma} if likelihood == "regression" else {}
-    la = laplace.Laplace(model, likelihood, subset_of_weights="all", hessian_structure="diag",
-                         backend=per_sample_ggn_backend(), prior_precision=1.0 / var, **kwargs)
-    la.mean = mean
-    with torch.no_grad():
-        la.model.output_size = int(model(x_example[:1]).shape[-1])
-    assert torch.allclose(la.posterior_variance, var, rtol=1e-5), "DiagLaplace does not carry IVON's variance"
-    std = var.sqrt()
-
-    def sampler(n: int, generator: torch.Generator) -> torch.Tensor:
-        return mean + std * torch.randn(n, len(mean), generator=generator)
-
-    return Posterior("ivon", model, likelihood, la, optimizer, sigma_noise=sigma, sampler=sampler)
+    """:func:`ivon_posterior` for a model whose deterministic parameters have requires_grad=False (IVON then holds
+    only the random ones), with :func:`per_sample_ggn_backend`."""
+    return ivon_posterior(model, optimizer, likelihood, x_example, sigma, backend=per_sample_ggn_backend())

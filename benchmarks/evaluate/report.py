@@ -4,6 +4,7 @@ raw records that ``runner.run_problem`` returns."""
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -24,7 +25,7 @@ METHOD_LABELS = {
 METRIC_LABELS = {"rmse": "RMSE", "nlpd": "NLPD", "acc": "accuracy", "ece": "ECE", "auroc": "OOD AUROC"}
 LOWER_IS_BETTER = {"rmse": True, "nlpd": True, "acc": False, "ece": True, "auroc": False}
 NUMERIC = ("rmse", "nlpd", "acc", "ece", "auroc", "ms_per_1000", "peak_mib", "var_err_median", "var_err_p90",
-           "setup_s", "variance_scale", "prior_precision", "sigma_noise", "fit_s")
+           "setup_s", "variance_scale", "prior_precision", "sigma_noise", "fit_s", "projected_s")
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float, int]:
@@ -116,6 +117,8 @@ def markdown(task, records: list[dict], meta: dict) -> str:
                 extra.append(f"prior prec. {_fmt(a['prior_precision'], 3, sig=True)}")
             if key[2] == "map" and "sigma_noise" in a and np.isfinite(a["sigma_noise"][0]):
                 extra.append(f"σ_noise {_fmt(a['sigma_noise'], 3, sig=True)}")
+            if "projected_s" in a:
+                extra.append(f"projected {_fmt(a['projected_s'], 3, sig=True)} s")
             if a["note"]:
                 extra.append(a["note"])
             cells.append("; ".join(extra))
@@ -254,7 +257,7 @@ def plots(task, records: list[dict], out_dir: Path, prefix: str) -> list[Path]:
 
     def grid(title: str):
         fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 3.8 * nrow), squeeze=False)
-        fig.suptitle(title)
+        fig.suptitle(textwrap.fill(title, 60 * ncol))  # one data set: a narrow figure, the title on two lines
         for ax in axes.flat[len(datasets):]:
             ax.axis("off")
         return fig, list(axes.flat)
@@ -292,7 +295,7 @@ def plots(task, records: list[dict], out_dir: Path, prefix: str) -> list[Path]:
         save(fig, metric)
 
     # cost against quality: NLPD vs time per 1,000 points
-    fig, axes = grid(f"{task.title}: NLPD against time per 1,000 test points")
+    fig, axes = grid(f"{task.title}: NLPD against time per 1,000 {getattr(task, 'unit', 'test points')}")
     markers = "os^Dv"
     for ax, ds in zip(axes, datasets):
         for j, post in enumerate(posteriors):
@@ -302,7 +305,7 @@ def plots(task, records: list[dict], out_dir: Path, prefix: str) -> list[Path]:
                     ax.scatter(a["ms_per_1000"][0], a["nlpd"][0], color=colors(i), marker=markers[j % len(markers)],
                                label=METHOD_LABELS.get(m, m) if j == 0 else None)
         ax.set_xscale("log")
-        ax.set_xlabel("ms per 1,000 test points (log)")
+        ax.set_xlabel(f"ms per 1,000 {getattr(task, 'unit', 'test points')} (log)")
         ax.set_ylabel("NLPD")
         ax.set_title(f"{ds} (" + ", ".join(f"{markers[j % len(markers)]} {p}" for j, p in enumerate(posteriors)) + ")",
                      fontsize=8)
