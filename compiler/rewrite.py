@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
 
 from momentprop.passes import Moment, RuleContext, heads, lookup
@@ -53,8 +54,9 @@ MAX_FULL_FEATURES = 4096
 
 
 def _check_full_size(value: object, where: str) -> None:
-    if isinstance(value, Moment) and value.feature_size > MAX_FULL_FEATURES:
-        size = value.feature_size
+    # a symbolic size (the batch moved into the last dim) is never refused: comparing it would add a guard
+    if isinstance(value, Moment) and statically_known_true(value.feature_size > MAX_FULL_FEATURES):
+        size = int(value.feature_size)
         raise InputError(
             f"a full covariance over {size:,} features ({size * size * 4 / 2**20:,.0f} MiB per row, per token for a "
             f"sequence) would be formed in {where}.\nFull covariance is limited to {MAX_FULL_FEATURES:,} features. "
