@@ -62,8 +62,8 @@ class TrainConfig:
 
 
 def _loss(likelihood: str, out: torch.Tensor, y: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
-    if likelihood == "classification":
-        return F.cross_entropy(out, y)
+    if likelihood == "classification":  # the mean over every point (every position of a sequence model)
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
     return 0.5 * F.mse_loss(out, y) / sigma**2
 
 
@@ -88,21 +88,26 @@ def train_map(model: nn.Module, split: Split, likelihood: str, cfg: TrainConfig,
 
 
 def train_ivon(model: nn.Module, split: Split, likelihood: str, cfg: TrainConfig, seed: int, sigma: float = 1.0,
-               progress: Callable | None = None):
-    """IVON (ess = number of training points, cosine schedule); returns the optimizer (the posterior).  Regression
-    uses the Gaussian likelihood with noise ``sigma`` (in standardised units)."""
+               progress: Callable | None = None, max_steps: int | None = None):
+    """IVON (ess = number of training labels, cosine schedule, at most ``max_steps`` steps); returns the optimizer
+    (the posterior).  Regression uses the Gaussian likelihood with noise ``sigma`` (in standardised units)."""
     import ivon
 
     epochs = cfg.epochs_for(len(split.x_train), ivon=True)
     # only the trainable parameters: a task that keeps some deterministic sets requires_grad=False on them
-    opt = ivon.IVON([p for p in model.parameters() if p.requires_grad], ess=len(split.x_train), **cfg.ivon)
+    opt = ivon.IVON([p for p in model.parameters() if p.requires_grad], ess=split.y_train.numel(), **cfg.ivon)
     steps = epochs * -(-len(split.x_train) // cfg.batch_size)
+    steps = min(steps, max_steps) if max_steps else steps
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.train()
+    done = 0
     for _ in range(epochs):
         for batch in torch.randperm(len(split.x_train), generator=g).split(cfg.batch_size):
+            if done == steps:
+                break
+            done += 1
             for _ in range(cfg.ivon_mc):
                 with opt.sampled_params(train=True):
                     opt.zero_grad()
@@ -286,70 +291,17 @@ def ivon_posterior(model: nn.Module, optimizer, likelihood: str, x_example: torc
 # Models that map token ids (N, T) to logits (N, T, V) with a label per position (N, T): every position is one
 # classification point.  Only the parameters with requires_grad are random; training the MAP network trains all.
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over every position of every sequence."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
-def train_sequence_map(model: nn.Module, split: Split, likelihood: str, cfg: TrainConfig, seed: int) -> nn.Module:
-    """Adam (L2 weight decay, cosine schedule) on the mean token cross-entropy, over ALL parameters (the
-    deterministic ones included); afterwards each parameter's requires_grad is as it was."""
-    assert likelihood == "classification", likelihood
+def train_map_all_parameters(model: nn.Module, split: Split, likelihood: str, cfg: TrainConfig, seed: int
+                             ) -> nn.Module:
+    """:func:`train_map` over ALL parameters (the deterministic ones included); afterwards each parameter's
+    requires_grad is as it was."""
     flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(True)
-    epochs = cfg.epochs_for(len(split.x_train))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = epochs * -(-len(split.x_train) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(split.x_train), generator=g).split(cfg.batch_size):
-            opt.zero_grad()
-            token_cross_entropy(model(split.x_train[batch]), split.y_train[batch]).backward()
-            opt.step()
-            sched.step()
-    for p, flag in zip(model.parameters(), flags):
-        p.requires_grad_(flag)
-    return model.eval()
-
-
-def train_sequence_ivon(model: nn.Module, split: Split, likelihood: str, cfg: TrainConfig, seed: int,
-                        sigma: float = 1.0, start: dict | None = None, max_steps: int | None = None):
-    """IVON over the random parameters (requires_grad) only, on the mean token cross-entropy with ``ess`` = the
-    number of training tokens, starting from the state dict ``start`` (the MAP network) when given; the
-    deterministic parameters keep their values.  ``max_steps`` caps the steps (the cosine schedule spans them).
-    Returns the optimizer (the posterior)."""
-    import ivon
-
-    assert likelihood == "classification", likelihood
-    if start is not None:
-        model.load_state_dict(start)
-    epochs = cfg.epochs_for(len(split.x_train), ivon=True)
-    opt = ivon.IVON([p for p in model.parameters() if p.requires_grad], ess=split.y_train.numel(), **cfg.ivon)
-    steps = epochs * -(-len(split.x_train) // cfg.batch_size)
-    steps = min(steps, max_steps) if max_steps else steps
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model.train()
-    done = 0
-    for _ in range(epochs):
-        for batch in torch.randperm(len(split.x_train), generator=g).split(cfg.batch_size):
-            if done == steps:
-                break
-            done += 1
-            for _ in range(cfg.ivon_mc):
-                with opt.sampled_params(train=True):
-                    opt.zero_grad()
-                    token_cross_entropy(model(split.x_train[batch]), split.y_train[batch]).backward()
-            opt.step()
-            sched.step()
-        if not all(torch.isfinite(q).all() for q in model.parameters()):
-            raise FloatingPointError(f"IVON diverged (non-finite weights) with settings {cfg.ivon}")
-    model.eval()
-    return opt
+    model.requires_grad_(True)
+    try:
+        return train_map(model, split, likelihood, cfg, seed)
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 class TokenPoints(nn.Module):

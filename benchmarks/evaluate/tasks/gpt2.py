@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ..data import shakespeare_available, shakespeare_split
-from ..posteriors import (TrainConfig, fit_laplace_tokens, ivon_posterior_tokens, train_sequence_ivon,
-                          train_sequence_map)
+from ..posteriors import TrainConfig, fit_laplace_tokens, ivon_posterior_tokens, train_ivon, train_map_all_parameters
 from ..registry import Problem, Task, register
 
 LAYERS, WIDTH, HEADS = 2, 64, 4
@@ -128,21 +127,21 @@ class GPT2Shakespeare(Task):
         map_state: dict = {}  # the MAP network of this seed, shared by the Laplace fit and IVON's start
 
         def train_map(model, split, likelihood, cfg, seed):
-            model = train_sequence_map(model, split, likelihood, cfg, seed)
+            model = train_map_all_parameters(model, split, likelihood, cfg, seed)
             map_state["state"] = {k: v.clone() for k, v in model.state_dict().items()}
             return model
 
-        def train_ivon(model, split, likelihood, cfg, seed, sigma=1.0):
+        def train_ivon_from_map(model, split, likelihood, cfg, seed, sigma=1.0):
             if "state" not in map_state:
                 train_map(build_gpt2(vocab.size, CONTEXT[smoke], seed), split, likelihood, cfg, seed)
-            return train_sequence_ivon(model, split, likelihood, cfg, seed, sigma, start=map_state["state"],
-                                       max_steps=IVON_STEPS[smoke])
+            model.load_state_dict(map_state["state"])
+            return train_ivon(model, split, likelihood, cfg, seed, sigma, max_steps=IVON_STEPS[smoke])
 
         fit = partial(fit_laplace_tokens, fit_tokens=FIT_TOKENS[smoke], tune_samples=30, grid=PRIOR_GRID)
         problem = Problem(
             self.name, dataset, seed, "classification", split, partial(build_gpt2, vocab.size, CONTEXT[smoke]), cfg,
             posteriors=("laplace-diag", "ivon"), reference_points=1, reference_samples=2000 if smoke else 10_000,
-            glm_chunk=1, tune_points=8 if not smoke else 4, train_map=train_map, train_ivon=train_ivon,
+            glm_chunk=1, tune_points=8 if not smoke else 4, train_map=train_map, train_ivon=train_ivon_from_map,
             fit_laplace=fit, ivon_posterior=ivon_posterior_tokens, mc_vectorised=False, predict_chunk=4, calibration_points=16 if not smoke else 8,
             full_budget_s=15.0,
         )
