@@ -208,10 +208,20 @@ class Moment:
                 total = total + p.variance()
             return total
         if isinstance(self.tangent, MatrixTangent) and not self.full:  # diag(J diag(v) J^T) = (J * J) v
-            j, root = self._folded_root(self.tangent)
-            return broadcast_to(((j * j) @ root.unsqueeze(-1)).squeeze(-1), self.mean.shape)
+            return broadcast_to(self._matrix_tangent_variance(self.tangent), self.mean.shape)
         m = self.materialised()
         return torch.diagonal(m.var, dim1=-2, dim2=-1) if m.full else m.var
+
+    def _matrix_tangent_variance(self, tangent: MatrixTangent) -> Tensor:
+        root = self.var.reshape(*self.mean.shape[:-1], tangent.root_size)
+        if len(tangent.matrices) > 1:
+            j, root = self._folded_root(tangent)
+            return ((j * j) @ root.unsqueeze(-1)).squeeze(-1)
+        # J = diag(r) M diag(c): (J * J) v = r^2 (M * M) (c^2 v), without a per-row matrix when M is shared
+        (m,), (cols, rows) = tangent.matrices, tangent.diagonals
+        v = root if cols is None else root * (cols * cols)
+        out = v @ (m * m).mT if m.dim() == 2 else ((m * m) @ v.unsqueeze(-1)).squeeze(-1)
+        return out if rows is None else out * (rows * rows)
 
     def as_full(self) -> "Moment":
         """Covariance over the last dimension; a diagonal moment becomes a diagonal matrix."""
