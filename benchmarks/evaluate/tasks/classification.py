@@ -31,6 +31,18 @@ class MLPClassification(Task):
         "expected there. Pixels standardised with training statistics. AUROC: OOD vs test points by predictive entropy."
     )
 
+    findings = (
+        "Where the posterior is wide enough to matter (IVON on digits) the compiled full model and the GLM are as "
+        "good as or better than MC-1000 (NLPD 0.089 against 0.091, OOD AUROC 0.91 against 0.89, the MAP's 0.57), "
+        "at a few ms per 1,000 points against hundreds for the GLM and MC-1000. On Fashion-MNIST the tuned Laplace "
+        "posteriors are narrow and every predictive agrees with the MAP to 0.001 NLPD. Full mode's latent variance "
+        "is as close to MC-10,000 as the GLM's; the diagonal mode's is 10-19% off (median) because it drops the "
+        "covariances between hidden units, yet its NLPD is as good here, the output layer's own weight noise, which "
+        "it propagates exactly, dominating the class probabilities. After a softmax the probit link is itself an "
+        "approximation, shared by the compiled model and laplace-torch's GLM, which is why the two agree in NLPD "
+        "while both differ slightly from Monte Carlo over the same Gaussian."
+    )
+
     def datasets(self, smoke: bool) -> list[str]:
         return ["digits", "fashion-mnist"]
 
