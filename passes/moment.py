@@ -57,9 +57,9 @@ class MatrixTangent:
     diagonals: tuple[Tensor | None, ...]
 
     @staticmethod
-    def of(j: Tensor, rows: Tensor | None = None, cols: Tensor | None = None) -> "MatrixTangent":
-        """``diag(rows) j diag(cols)``."""
-        return MatrixTangent((j,), (cols, rows))
+    def of(j: Tensor, cols: Tensor | None = None) -> "MatrixTangent":
+        """``j diag(cols)``."""
+        return MatrixTangent((j,), (cols, None))
 
     @property
     def root_size(self) -> int:
@@ -213,13 +213,13 @@ class Moment:
         return torch.diagonal(m.var, dim1=-2, dim2=-1) if m.full else m.var
 
     def _matrix_tangent_variance(self, tangent: MatrixTangent) -> Tensor:
-        root = self.var.reshape(*self.mean.shape[:-1], tangent.root_size)
         if len(tangent.matrices) > 1:
             j, root = self._folded_root(tangent)
             return ((j * j) @ root.unsqueeze(-1)).squeeze(-1)
         # J = diag(r) M diag(c): (J * J) v = r^2 (M * M) (c^2 v), without a per-row matrix when M is shared
         (m,), (cols, rows) = tangent.matrices, tangent.diagonals
-        v = root if cols is None else root * (cols * cols)
+        v = self.var.reshape(*self.mean.shape[:-1], tangent.root_size)
+        v = v if cols is None else v * (cols * cols)
         out = v @ (m * m).mT if m.dim() == 2 else ((m * m) @ v.unsqueeze(-1)).squeeze(-1)
         return out if rows is None else out * (rows * rows)
 
