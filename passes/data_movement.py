@@ -41,9 +41,7 @@ def def_structural(
 
     def rule(ctx: RuleContext, x: Moment, *args, **kwargs) -> Moment:
         mean = op(x.mean, *args, **kwargs)
-        if relabels_rows and same_shape(mean.shape[-1:], x.mean.shape[-1:]) and (
-            x.parts or isinstance(x.tangent, MatrixTangent)
-        ):
+        if relabels_rows and same_shape(mean.shape[-1:], x.mean.shape[-1:]) and x.tracked:
             return sum_of_parts([_relabelled(p, x.mean, mean, var_op, args, kwargs) for p in x.all_parts()])
         x = x.materialised()
         if not x.full:

@@ -79,7 +79,7 @@ def _extends_tangent(ctx: RuleContext, a, w, bias) -> bool:
     """Full covariance, a random input, deterministic weights: the input's tangent is extended instead."""
     if not is_random(a) or is_random(w) or is_random(bias) or w.dim() != 2:
         return False
-    return ctx.covariance == "full" or a.full or bool(a.parts) or isinstance(a.tangent, MatrixTangent)
+    return ctx.covariance == "full" or a.full or a.tracked
 
 
 def _adds_weight_noise_part(ctx: RuleContext, a, w, bias) -> bool:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .elementwise import add, mul, sub
-from .moment import MatrixTangent, Moment, diagonal_matrix, is_random, mean_of
+from .moment import Moment, diagonal_matrix, is_random, mean_of
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -64,7 +64,7 @@ def _normalised_moment(x: Moment, z: Tensor, inv_std: Tensor, dims: tuple[int, .
     n = 1
     for d in dims:
         n *= z.shape[d]
-    full = len(dims) == 1 and (full or x.full or bool(x.parts) or isinstance(x.tangent, MatrixTangent))
+    full = len(dims) == 1 and (full or x.full or x.tracked)
     if full:  # centring and scaling correlate the entries, even of a diagonal input: J extends the tangent
         eye = torch.eye(n, dtype=z.dtype, device=z.device)
         jac = (eye - (1.0 + z.unsqueeze(-1) * z.unsqueeze(-2)) / n) * inv_std.unsqueeze(-1)

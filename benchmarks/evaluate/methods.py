@@ -130,6 +130,15 @@ class SampledForward:
             draws.update({n: v.expand(k, *v.shape) for n, v in self.fixed.items()})
             return self._forward(draws, x)
 
+    def over_samples(self, post: Posterior, x: torch.Tensor, samples: int, seed: int):
+        """The outputs at ``samples`` draws from the posterior's own sampler (seeded), one chunk at a time."""
+        g = torch.Generator().manual_seed(seed)
+        chunk, done = self.chunk(x), 0
+        while done < samples:
+            k = min(chunk, samples - done)
+            yield self(post.sample(k, g), x)
+            done += k
+
     def chunk(self, x: torch.Tensor) -> int:
         """Samples per chunk: keep the drawn weights and the hidden activations (every position of every point,
         at the widest layer or the output width) at about 256 MiB each."""
@@ -148,21 +157,10 @@ def mc_predictor(post: Posterior, samples: int, seed: int, vectorised: bool = Tr
     fwd = SampledForward(post, vectorised)
 
     def predict(x):
-        g = torch.Generator().manual_seed(seed)
-        chunk = fwd.chunk(x)
-        acc, outs, done = None, [], 0
-        while done < samples:
-            k = min(chunk, samples - done)
-            out = fwd(post.sample(k, g), x)
-            if post.likelihood == "classification":
-                s = torch.softmax(out, -1).sum(0)
-                acc = s if acc is None else acc + s
-            else:
-                outs.append(out)
-            done += k
+        outs = fwd.over_samples(post, x, samples, seed)
         if post.likelihood == "classification":
-            return (acc / samples).numpy()
-        return {"samples": torch.cat(outs).numpy()}
+            return (sum(torch.softmax(out, -1).sum(0) for out in outs) / samples).numpy()
+        return {"samples": torch.cat(list(outs)).numpy()}
 
     return predict
 
@@ -265,17 +263,10 @@ def compiled_latent_variance(cm, x: torch.Tensor, chunk: int | None = None) -> n
 def mc_latent_variance(post: Posterior, x: torch.Tensor, samples: int, seed: int, vectorised: bool = True
                        ) -> np.ndarray:
     """Latent (pre-softmax) variance per output from ``samples`` weight samples (float64 accumulation)."""
-    fwd = SampledForward(post, vectorised)
-    g = torch.Generator().manual_seed(seed)
-    chunk = fwd.chunk(x)
-    s1 = s2 = None
-    done = 0
-    while done < samples:
-        k = min(chunk, samples - done)
-        out = fwd(post.sample(k, g), x).double()
-        s1 = out.sum(0) if s1 is None else s1 + out.sum(0)
-        s2 = (out**2).sum(0) if s2 is None else s2 + (out**2).sum(0)
-        done += k
+    s1 = s2 = 0.0
+    for out in SampledForward(post, vectorised).over_samples(post, x, samples, seed):
+        out = out.double()
+        s1, s2 = s1 + out.sum(0), s2 + (out**2).sum(0)
     mean = s1 / samples
     return ((s2 - samples * mean**2) / (samples - 1)).numpy()
 
