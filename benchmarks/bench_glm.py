@@ -44,11 +44,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_laplace import (  # noqa: E402
+from bench_laplace import (
     PRIOR_PRECISION, STRUCTURES, N_TRAIN, _mib, compiled_probs, export_compiled, fit_laplace, glm_call, load_average,
     load_note, make_data, make_mlp, train, with_memory,
 )
-from bench_mlp import make_session, median_ms, quiet_process, session_call  # noqa: E402
+from bench_mlp import make_session, median_ms, quiet_process, session_call
 
 SIZES = (784, 128, 64, 10)
 SPEED_TARGET = 1000.0
@@ -83,7 +83,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="timed compiled calls before and again after the laplace-torch call (default 5)")
     parser.add_argument("--quick", action="store_true", help="250 points (one laplace-torch chunk), for a smoke run")
     parser.add_argument("--spin", action="store_true", help="let ONNX Runtime thread pools spin (off by default)")
-    parser.add_argument("--keep", metavar="DIR", default=None, help="write the ONNX files to DIR instead of a temporary directory")
+    parser.add_argument("--keep", metavar="DIR", default=None,
+                        help="write the ONNX files to DIR instead of a temporary directory")
     return parser.parse_args(argv)
 
 
@@ -109,7 +110,8 @@ def format_table(rows: Sequence[GlmRow]) -> str:
         result = "pass" if not failed else "FAIL (" + ", ".join(failed) + ")"
         ratio = "n/a" if r.memory_ratio is None else f"{r.memory_ratio:.0f}x"
         lines.append(
-            f"{r.structure:<9} {r.points:>6} {r.chunk:>5} {r.laplace_s:>10.2f} {r.compiled_ms:>12.1f} {r.speedup:>8.0f}x "
+            f"{r.structure:<9} {r.points:>6} {r.chunk:>5} {r.laplace_s:>10.2f} {r.compiled_ms:>12.1f} "
+            f"{r.speedup:>8.0f}x "
             f"{_mib(r.laplace_mib):>12} {_mib(r.compiled_mib):>13} {ratio:>10} {r.max_prob_diff:>9.1e}  {result}"
         )
     return "\n".join(lines)
@@ -170,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> list[GlmRow]:
             del session, compiled, la
 
     print(
-        f"momentprop GLM benchmark: MLP {'-'.join(map(str, SIZES))} ReLU ({n_params:,} parameters), all-weights Laplace "
+        f"momentprop GLM benchmark: MLP {'-'.join(map(str, SIZES))} ReLU ({n_params:,} parameters), "
+        "all-weights Laplace "
         f"(BackPack GGN, prior precision {PRIOR_PRECISION:g}, fitted on {N_TRAIN} points), laplace-torch "
         f"{version('laplace-torch')}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
         f"threads={args.threads}, spinning={'on' if args.spin else 'off'}, cpu count={os.cpu_count()}"

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_mlp import interleaved, make_session, median_ms, quiet_process, session_call  # noqa: E402
+from bench_mlp import interleaved, make_session, median_ms, quiet_process, session_call
 
 SIZES = (784, 128, 128, 10)
 N_TRAIN = 512
@@ -209,7 +209,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="interleaved rounds at batch 256, twice as many at batch 32 (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="batch 32 only, 2 rounds and 10 samples, for a smoke run")
     parser.add_argument("--spin", action="store_true", help="let ONNX Runtime thread pools spin (off by default)")
-    parser.add_argument("--keep", metavar="DIR", default=None, help="write the ONNX files to DIR instead of a temporary directory")
+    parser.add_argument("--keep", metavar="DIR", default=None,
+                        help="write the ONNX files to DIR instead of a temporary directory")
     return parser.parse_args(argv)
 
 
@@ -224,7 +225,8 @@ def format_table(rows: Sequence[Row]) -> str:
     for r in rows:
         lines.append(
             f"{r.case:<22} {r.batch:>5} {r.laplace_ms:>11.1f} {r.compiled_ms:>12.3f} {r.speedup:>8.0f}x "
-            f"{_mib(r.laplace_mib):>12} {_mib(r.compiled_mib):>13} {r.target:>8}  {'pass' if r.ok else 'FAIL':<6} {r.note}"
+            f"{_mib(r.laplace_mib):>12} {_mib(r.compiled_mib):>13} {r.target:>8}  "
+            f"{'pass' if r.ok else 'FAIL':<6} {r.note}"
         )
     return "\n".join(lines)
 
@@ -308,11 +310,13 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     print("speed-up = median laplace-torch / median compiled ONNX over interleaved runs (pass/fail uses it; target "
           f"at batch {TARGET_BATCH}).\nMiB = extra peak RSS during a predictor's first call (VmHWM after minus VmRSS "
           "before, high-water mark reset and malloc_trim before the call; fresh ORT session per row pair).\n"
-          "note: max abs difference of class probabilities, compiled vs laplace-torch (differ by design; not asserted). "
-          "ONNX files: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()) + "; creating an ORT session "
+          "note: max abs difference of class probabilities, compiled vs laplace-torch (differ by design; not "
+          "asserted). ONNX files: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items())
+          + "; creating an ORT session "
           "adds (not counted above) " + ", ".join(f"{k} {_mib(v)} MiB" for k, v in session_mib.items()) + " RSS.")
     if args.quick:
-        print(f"(--quick: batch 32 only, {2 * repeats} rounds, {n_samples} samples; figures are a smoke test, not a measurement)")
+        print(f"(--quick: batch 32 only, {2 * repeats} rounds, {n_samples} samples; figures are a smoke test, "
+              "not a measurement)")
     print(format_table(rows))
     print(f"setup (fit + compile + export) {setup_s:.1f} s, total {time.perf_counter() - start:.1f} s; "
           + load_note(load_start, args.threads))
@@ -330,7 +334,8 @@ def load_note(load_start: float, threads: int) -> str:
     if max(load_start, load_end - threads) > max(1.0, 0.5 * (os.cpu_count() or 1)):
         # the load at the end includes this benchmark's own threads
         note += ("\nwarning: other processes were using the CPUs; torch's thread pool suffers most from that (many "
-                 "short parallel regions wait for a descheduled thread), so laplace-torch times and speed-ups are inflated")
+                 "short parallel regions wait for a descheduled thread), so laplace-torch times and speed-ups are "
+                 "inflated")
     return note
 
 

@@ -153,7 +153,9 @@ def pair_ratio(num: Sequence[float], den: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------------------- Monte Carlo
 
 
-def sample_weights(model: nn.Module, posterior: dict[str, torch.Tensor], n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def sample_weights(
+    model: nn.Module, posterior: dict[str, torch.Tensor], n: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """``n`` weight sets from N(params, diag(posterior)), stacked on a new leading dim."""
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -203,11 +205,14 @@ def mc_loop(model: nn.Module, samples: dict[str, torch.Tensor], x: torch.Tensor)
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (and torch threads)")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds per latency case (default 300; 30 with --quick)")
-    parser.add_argument("--mc-repeats", type=int, default=None, help="interleaved rounds for Monte Carlo (default 7; 2 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved rounds per latency case (default 300; 30 with --quick)")
+    parser.add_argument("--mc-repeats", type=int, default=None,
+                        help="interleaved rounds for Monte Carlo (default 7; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="few repeats and 10 MC samples, for a smoke run")
     parser.add_argument("--spin", action="store_true", help="let ONNX Runtime thread pools spin (off by default)")
-    parser.add_argument("--keep", metavar="DIR", default=None, help="write the ONNX files to DIR instead of a temporary directory")
+    parser.add_argument("--keep", metavar="DIR", default=None,
+                        help="write the ONNX files to DIR instead of a temporary directory")
     return parser.parse_args(argv)
 
 
@@ -221,7 +226,8 @@ def quiet_process(threads: int) -> None:
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    head = f"{'case':<26} {'batch':>5} {'plain ms':>10} {'compiled ms':>12} {'ratio':>8} {'target':>8}  {'result':<6} note"
+    head = (f"{'case':<26} {'batch':>5} {'plain ms':>10} {'compiled ms':>12} {'ratio':>8} {'target':>8}  "
+            f"{'result':<6} note")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -242,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     start = time.perf_counter()
     model = make_mlp()
     full_post = make_posterior(model)
-    last_post = make_posterior(model, names=[n for n in dict(model.named_parameters()) if n.startswith(f"{len(model) - 1}.")])
+    last = f"{len(model) - 1}."
+    last_post = make_posterior(model, names=[n for n in dict(model.named_parameters()) if n.startswith(last)])
     example = torch.randn(2, SIZES[0])
 
     with tempfile.TemporaryDirectory(prefix="momentprop-bench-") as tmp:
@@ -282,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         samples = sample_weights(model, full_post, mc_samples)
         fns = [session_call(sessions["full"], xt.numpy()), mc_vmap(model, samples, xt), mc_loop(model, samples, xt)]
         t_comp, t_vmap, t_loop = interleaved(fns, mc_repeats, warmup=1)
-        mc_name, t_mc = ("vmap+functional_call", t_vmap) if median_ms(t_vmap) <= median_ms(t_loop) else ("loop of forwards", t_loop)
+        vmap_faster = median_ms(t_vmap) <= median_ms(t_loop)
+        mc_name, t_mc = ("vmap+functional_call", t_vmap) if vmap_faster else ("loop of forwards", t_loop)
         speedup = median_ms(t_mc) / median_ms(t_comp)
         rows.append(
             Row(

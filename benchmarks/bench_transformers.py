@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_mlp import interleaved, make_session, median_ms, quiet_process  # noqa: E402
+from bench_mlp import interleaved, make_session, median_ms, quiet_process
 
 VARIANCE = 1e-6
 TARGET = 1.5
@@ -222,7 +222,8 @@ def run_case(name: str, model: nn.Module, posterior: dict, example: torch.Tensor
         t2 = time.perf_counter()
     del cm
     gc.collect()
-    sizes = {k: sum(os.path.getsize(f) for f in onnx_files(p)) / 2**20 for k, p in (("plain", plain_path), ("compiled", path))}
+    files = {"plain": plain_path, "compiled": path}
+    sizes = {k: sum(os.path.getsize(f) for f in onnx_files(p)) / 2**20 for k, p in files.items()}
 
     plain = make_session(plain_path, args.threads, args.spin)
     comp = make_session(path, args.threads, args.spin)
@@ -243,7 +244,7 @@ def run_case(name: str, model: nn.Module, posterior: dict, example: torch.Tensor
         f"{note}; max|mean-logits| {err:.1e}, variance median {np.median(var):.2e}, n={repeats}",
     )
     info = {"method": peak.method, "compiled_path": path, "plain_path": plain_path, "feed": x}
-    del plain, comp
+    plain = comp = None  # release the sessions before the next model
     gc.collect()
     return row, info
 
@@ -276,7 +277,8 @@ def profile(path: str, x: np.ndarray, threads: int, spin: bool, top: int = 12) -
         per_node[node] = per_node.get(node, 0.0) + e["dur"] / 1e3
     total = sum(by_op.values())
     lines = [f"  {os.path.basename(path)}: kernel time {total:.0f} ms"]
-    lines.append("    by op type: " + ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:8]))
+    by_time = sorted(by_op.items(), key=lambda kv: -kv[1])[:8]
+    lines.append("    by op type: " + ", ".join(f"{k} {v:.0f} ms" for k, v in by_time))
     for n, v in sorted(per_node.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"    {v:8.1f} ms  {n}")
     os.remove(trace)
@@ -289,16 +291,20 @@ def profile(path: str, x: np.ndarray, threads: int, spin: bool, top: int = 12) -
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (and torch threads)")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds per model (default 5; 2 with --quick)")
-    parser.add_argument("--layers", type=int, default=None, help="transformer depth (default 12; 4 with --quick); last 2 blocks random")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved rounds per model (default 5; 2 with --quick)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="transformer depth (default 12; 4 with --quick); last 2 blocks random")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 8; 2 with --quick)")
     parser.add_argument("--tokens", type=int, default=128, help="GPT-2 sequence length (default 128)")
-    parser.add_argument("--models", default="gpt2-untied,gpt2,vit", help="comma-separated subset of gpt2-untied,gpt2,vit")
+    parser.add_argument("--models", default="gpt2-untied,gpt2,vit",
+                        help="comma-separated subset of gpt2-untied,gpt2,vit")
     parser.add_argument("--quick", action="store_true", help="4 layers, batch 2, 2 rounds, for a smoke run")
     parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                         help="ORT-profile both files of a model whose ratio misses the target (auto), always, or never")
     parser.add_argument("--spin", action="store_true", help="let ONNX Runtime thread pools spin (off by default)")
-    parser.add_argument("--keep", metavar="DIR", default=None, help="write the ONNX files to DIR instead of a temporary directory")
+    parser.add_argument("--keep", metavar="DIR", default=None,
+                        help="write the ONNX files to DIR instead of a temporary directory")
     return parser.parse_args(argv)
 
 
@@ -394,14 +400,17 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
           f"peak MiB = extra peak RSS during compile + export ({method}).\n"
           "GPT-2 (tied, the library's default): the posterior names transformer.wte.weight, the LM head's tied "
           "weight; that makes the token embedding random as well, so every block propagates a variance.  "
-          "gpt2-untied: the same model with tie_word_embeddings=False, so only the last 2 blocks and the head are random.")
+          "gpt2-untied: the same model with tie_word_embeddings=False, so only the last 2 blocks and the head are "
+          "random.")
     if args.quick:
-        print(f"(--quick: {layers} layers, batch {batch}, {repeats} rounds; figures are a smoke test, not a measurement)")
+        print(f"(--quick: {layers} layers, batch {batch}, {repeats} rounds; figures are a smoke test, "
+              "not a measurement)")
     print(format_table(rows))
     for p in profiles:
         print("ORT profile (one run after a warm-up):\n" + p)
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"total {time.perf_counter() - start:.1f} s; 1-min load average {load_start:.1f} at start, {load_end:.1f} at end")
+    print(f"total {time.perf_counter() - start:.1f} s; 1-min load average {load_start:.1f} at start, "
+          f"{load_end:.1f} at end")
     return rows
 
 

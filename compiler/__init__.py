@@ -1,6 +1,7 @@
 """momentprop: compile a PyTorch model and a Gaussian weight posterior into one moment-propagating graph.
 
-The pipeline, one module per step::
+The pipeline, one module per step (``options.Options``: compile's keywords, validated once, stored in the compiled
+model)::
 
     capture.capture          torch.export with a dynamic batch, decomposed to the rules' op set
     posterior.read_posterior the posterior as {parameter name: variance}
@@ -13,14 +14,13 @@ The pipeline, one module per step::
 
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ._version import __version__
-from momentprop.passes.heads import LINKS
-
 from .capture import capture, normalise_example_inputs
 from .emit import quiet_torch
 from .convert import convert
@@ -30,6 +30,7 @@ from .errors import (
 )
 from .laplace import couples_layers, is_laplace, likelihood_of
 from .meanfield import deterministic_meanfield
+from .options import Options
 from .persist import load_compiled as load
 from .persist import load_posterior, save_posterior
 from .posterior import Dense, FullCovariance, Kron, read_posterior
@@ -38,31 +39,10 @@ from .runtime import CompiledInfo, CompiledModel, OnnxRunner, predict_onnx
 
 __all__ = [
     "CalibrationError", "CaptureError", "CompiledModel", "Dense", "FullCovariance", "InputError", "Kron",
-    "MomentpropError", "OnnxRunner", "PersistenceError", "PosteriorError", "ProviderError", "UnsupportedOpError",
-    "__version__", "compile", "convert", "load", "load_posterior", "predict_onnx", "save_posterior",
+    "MomentpropError", "OnnxRunner", "Options", "PersistenceError", "PosteriorError", "ProviderError",
+    "UnsupportedOpError", "__version__", "compile", "convert", "load", "load_posterior", "predict_onnx",
+    "save_posterior",
 ]
-
-_COVARIANCES = ("diag", "full")
-_LIKELIHOODS = (None, "classification", "regression")
-_ATTENTION = ("paper", "linearised")
-_PREDICTIVES = ("suq", "glm")
-
-
-def _check_options(model, covariance, likelihood, sigma_noise, variance_scale, link, attention) -> None:
-    if covariance not in _COVARIANCES:
-        raise InputError(f"covariance must be one of {_COVARIANCES}, got {covariance!r}")
-    if likelihood not in _LIKELIHOODS:
-        raise InputError(f"likelihood must be one of {_LIKELIHOODS}, got {likelihood!r}")
-    if sigma_noise is not None and (likelihood != "regression" or not sigma_noise >= 0):
-        raise InputError("sigma_noise must be a non-negative number and needs likelihood='regression'")
-    if not (variance_scale > 0 and variance_scale != float("inf")):
-        raise InputError(f"variance_scale must be a positive finite number, got {variance_scale!r}")
-    if link not in LINKS or (link != "probit" and likelihood != "classification"):
-        raise InputError(f"link must be one of {LINKS} and only applies to likelihood='classification', got {link!r}")
-    if attention not in _ATTENTION:
-        raise InputError(f"attention must be one of {_ATTENTION}, got {attention!r}")
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def compile(
@@ -108,45 +88,54 @@ def compile(
         likelihood = likelihood or laplace_likelihood
         if likelihood == "regression" and sigma_noise is None:
             sigma_noise = laplace_sigma
-    _check_options(model, covariance, likelihood, sigma_noise, variance_scale, link, attention)
-    if predictive not in _PREDICTIVES:
-        raise InputError(f"predictive must be one of {_PREDICTIVES}, got {predictive!r}")
-    if predictive == "glm":
-        attention = "linearised"  # the GLM predictive linearises everything, attention weights included
+    options = Options(
+        covariance=covariance, likelihood=likelihood, sigma_noise=sigma_noise, output_covariance=output_covariance,
+        variance_scale=variance_scale, link=link, input_variance=input_variance, attention=attention,
+        predictive=predictive,
+    )
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if options.predictive == "glm":
         if is_laplace(posterior) and couples_layers(model, posterior):
             raise PosteriorError(
                 "predictive='glm' is exact only for posteriors that are block-diagonal across layers, and this full "
                 "Laplace posterior couples the layers (moment propagation would drop those covariances); use "
                 "hessian_structure='kron' or 'diag', a last-layer posterior, or predictive='suq'"
             )
+    if isinstance(posterior, Mapping) and not posterior and not options.input_variance:
+        raise PosteriorError(
+            "the posterior is empty ({}): nothing would be random and every variance would be 0; give "
+            "{parameter name: variance} for the parameters that should be random (a float for all of them), or "
+            "compile with input_variance=True to propagate only a Gaussian over the inputs"
+        )
+    if any(m.training for m in model.modules()):
+        warnings.warn(
+            f"{type(model).__name__} is in train mode; momentprop compiles it in eval mode (dropout off, batch norm "
+            "with its running statistics), as it will predict. The model's own train/eval flags are left as they "
+            "are; call model.eval() before compiling to silence this warning",
+            UserWarning,
+            stacklevel=2,
+        )
     inputs = normalise_example_inputs(example_inputs)
-    if input_variance and not all(x.is_floating_point() for x in inputs):
-        raise InputError("input_variance=True needs floating-point inputs (integer inputs such as token ids carry no variance)")
+    if options.input_variance and not all(x.is_floating_point() for x in inputs):
+        raise InputError(
+            "input_variance=True needs floating-point inputs (integer inputs such as token ids carry no variance)"
+        )
     variances = read_posterior(model, posterior)
     with quiet_torch():
         with deterministic_meanfield(model):
             program = capture(model, inputs)
+        # the interpreter takes the options as a RewriteConfig plus the two numbers (rewrite.py is not changed here)
         config = RewriteConfig(
-            covariance, likelihood, output_covariance and covariance == "diag", link, input_variance, attention,
-            predictive,
+            options.covariance, options.likelihood, options.output_covariance, options.link, options.input_variance,
+            options.attention, options.predictive,
         )
-        interpreter = MomentInterpreter(program, model, variances, config, sigma_noise, variance_scale)
-        if input_variance:
+        interpreter = MomentInterpreter(program, model, variances, config, options.sigma_noise, options.variance_scale)
+        if options.input_variance:
             inputs = inputs + tuple(torch.zeros_like(x) for x in inputs)
         moment_program = rewrite(interpreter, inputs)
     names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
-    if input_variance:
+    if options.input_variance:
         names += ["input_variance"] if len(names) == 1 else [f"{name}_variance" for name in names]
-    info = CompiledInfo(
-        covariance=covariance,
-        likelihood=likelihood,
-        output_covariance=config.output_covariance,
-        sigma_noise=sigma_noise,
-        random_parameters=interpreter.random_parameters,
-        input_names=names,
-        link=link,
-        input_variance=input_variance,
-        attention=attention,
-        predictive=predictive,
-    )
+    info = CompiledInfo(options, random_parameters=interpreter.random_parameters, input_names=names)
     return CompiledModel(moment_program, info, inputs)

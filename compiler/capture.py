@@ -38,6 +38,11 @@ def normalise_example_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]
             raise InputError(f"example_inputs[{i}] is a {type(x).__name__}; every example input must be a tensor")
         if x.dim() == 0:
             raise InputError(f"example_inputs[{i}] is a scalar; inputs need a leading batch dimension")
+        if x.shape[0] == 0:
+            raise InputError(
+                f"example_inputs[{i}] has batch size 0 (shape {tuple(x.shape)}); pass at least one example "
+                "(the batch stays dynamic in the compiled model whatever the example's batch size)"
+            )
     return tuple(example_inputs)
 
 

@@ -121,7 +121,8 @@ def describe(path: str | Path) -> dict[str, object]:
     info: dict[str, object] = {
         "file": str(path), "bytes": Path(path).stat().st_size, "precision": runner.precision,
         "model_card": runner.model_card, "inputs": io(runner.session.get_inputs()),
-        "outputs": io(runner.session.get_outputs()), "random_parameters": runner.model_card.get("random_parameters", []),
+        "outputs": io(runner.session.get_outputs()),
+        "random_parameters": runner.model_card.get("random_parameters", []),
     }
     if is_ort_format(path):  # the graph of an ORT-format file is not readable as ONNX
         info.update(format="ort", ops=None)

@@ -153,7 +153,9 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
             graph.initializer.append(numpy_helper.from_array(
                 numpy_helper.to_array(initializers[name]).astype(np.float16), half(name)))
         else:
-            added.append(helper.make_node("Cast", [name], [half(name)], name=f"{name}__to_fp16", to=onnx.TensorProto.FLOAT16))
+            added.append(
+                helper.make_node("Cast", [name], [half(name)], name=f"{name}__to_fp16", to=onnx.TensorProto.FLOAT16)
+            )
         for node in readers:
             node.input[:] = [half(i) if i == name else i for i in node.input]
     for node in [n for n in graph.node if n.name in mean]:
@@ -170,7 +172,9 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
                 if reader.name in mean:
                     reader.input[:] = [half(i) if i == name else i for i in reader.input]
             if name in outputs or any(r.name not in mean for r in consumers.get(name, [])):
-                added.append(helper.make_node("Cast", [half(name)], [name], name=f"{name}__to_fp32", to=onnx.TensorProto.FLOAT))
+                added.append(
+                    helper.make_node("Cast", [half(name)], [name], name=f"{name}__to_fp32", to=onnx.TensorProto.FLOAT)
+                )
     graph.node.extend(added)
     _topological_sort(graph)
     used = {i for n in graph.node for i in n.input}
@@ -218,7 +222,9 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> None:
         if c is not None:
             bias = numpy_helper.to_array(constants[c]) * np.float32(attrs.get("beta", 1.0))
             graph.initializer.append(numpy_helper.from_array(bias, f"{node.name}__bias"))
-            nodes.append(helper.make_node("Add", [product, f"{node.name}__bias"], [node.output[0]], name=f"{node.name}__add"))
+            nodes.append(
+                helper.make_node("Add", [product, f"{node.name}__bias"], [node.output[0]], name=f"{node.name}__add")
+            )
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}

@@ -45,15 +45,6 @@ def read_model_card(metadata: dict[str, str]) -> dict[str, object]:
     return card
 
 
-def output_names(likelihood: str | None, full: bool) -> list[str]:
-    names = ["mean", "covariance" if full else "variance"]
-    if likelihood == "classification":
-        names.append("probs")
-    elif likelihood == "regression":
-        names.append("predictive_covariance" if full else "predictive_variance")
-    return names
-
-
 def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
     for node in graph.node:
         node.input[:] = [new if n == old else n for n in node.input]

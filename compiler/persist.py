@@ -62,7 +62,15 @@ def _read(path: str | os.PathLike, content: str) -> tuple[dict[str, str], dict[s
     """The metadata fields (``momentprop.`` prefix removed) and tensors of a momentprop file of ``content``."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory, not a momentprop file")
+        raise PersistenceError(
+            f"{path} is a directory, not a momentprop file; pass the path of a file written by cm.save(path) or "
+            "mp.save_posterior(posterior, path)"
+        )
+    if not path.exists():
+        raise PersistenceError(
+            f"{path}: no such file; pass the path of a file written by cm.save(path) or "
+            "mp.save_posterior(posterior, path)"
+        )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -123,7 +131,7 @@ def save_compiled(cm: CompiledModel, path: str | os.PathLike) -> Path:
         tensors[f"constants/{name}"] = value
     examples = [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in cm.example_inputs]
     fields = {
-        "info": json.dumps(dataclasses.asdict(cm.info)),
+        "info": json.dumps(cm.info.to_json()),
         "example_inputs": json.dumps(examples),
         "graph": artifact.exported_program.decode("utf-8"),
     }
@@ -134,7 +142,7 @@ def load_compiled(path: str | os.PathLike) -> CompiledModel:
     """Read a compiled model written by :func:`save_compiled`."""
     fields, tensors = _read(path, COMPILED_MODEL)
     try:
-        info = CompiledInfo(**json.loads(fields["info"]))
+        info = CompiledInfo.from_json(json.loads(fields["info"]))
         shapes = json.loads(fields["example_inputs"])
         examples = tuple(torch.zeros(e["shape"], dtype=_dtype(e["dtype"])) for e in shapes)
         state_dict = {k.removeprefix("state_dict/"): v for k, v in tensors.items() if k.startswith("state_dict/")}

@@ -96,7 +96,7 @@ def _from_mapping(model: nn.Module, posterior: Mapping) -> Posterior:
         if isinstance(variance, (Kron, Dense, FullCovariance)):
             result[name] = _check_structure(key, variance, params[name])
             continue
-        variance = torch.as_tensor(variance).detach()
+        variance = _as_variance_tensor(key, variance)
         if variance.shape != params[name].shape:
             raise PosteriorError(
                 f"the variance for '{key}' has shape {tuple(variance.shape)} but the parameter has shape "
@@ -104,6 +104,27 @@ def _from_mapping(model: nn.Module, posterior: Mapping) -> Posterior:
             )
         result[name] = variance
     return result
+
+
+def _as_variance_tensor(key: object, variance: object) -> torch.Tensor:
+    """A posterior dict entry as a real-valued tensor, or a PosteriorError naming ``key``."""
+    advice = (
+        "give a tensor of variances of the parameter's shape (or a Kron / Dense / FullCovariance block), or leave "
+        "the key out to keep that parameter deterministic"
+    )
+    if variance is None or isinstance(variance, (str, bytes)):
+        raise PosteriorError(f"the posterior entry '{key}' is {type(variance).__name__} {variance!r}; {advice}")
+    try:
+        tensor = torch.as_tensor(variance).detach()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise PosteriorError(
+            f"the posterior entry '{key}' ({type(variance).__name__}) is not a tensor of numbers ({exc}); {advice}"
+        ) from exc
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise PosteriorError(
+            f"the variance for '{key}' has dtype {tensor.dtype}; variances are real numbers >= 0: {advice}"
+        )
+    return tensor
 
 
 def _check_structure(key: str, spec: ParameterPosterior, param: torch.Tensor) -> ParameterPosterior:
@@ -203,6 +224,7 @@ def read_posterior(model: nn.Module, posterior: object) -> Posterior:
         if isinstance(variance, torch.Tensor):
             _check_variance(name, variance)
     return {
-        n: v.detach().to(torch.float32 if not v.is_floating_point() else v.dtype).clone() if isinstance(v, torch.Tensor) else v
+        n: v.detach().to(v.dtype if v.is_floating_point() else torch.float32).clone()
+        if isinstance(v, torch.Tensor) else v
         for n, v in result.items()
     }

@@ -21,7 +21,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
 
 from momentprop.passes import Moment, RuleContext, heads, lookup
-from momentprop.passes.weights import DenseWeight, FullVector, KronWeight
+from momentprop.passes.moment import MatrixTangent, Noise
+from momentprop.passes.weights import DenseBlockNoise, KronNoise
 from momentprop.passes.registry import Covariance
 
 from .capture import dynamic_shapes, with_batch_of_two
@@ -125,6 +126,17 @@ def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
     return seen
 
 
+def _descendants(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """``node`` and every node that depends on it."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.users)
+    return seen
+
+
 def _final_layer(graph: torch.fx.Graph, needed: set[torch.fx.Node]) -> torch.fx.Node | None:
     """The last linear-family node the output depends on (its covariance is kept under output_covariance)."""
     finals = [n for n in graph.nodes if n in needed and n.op == "call_function" and n.target in LINEAR_FAMILY]
@@ -177,6 +189,7 @@ class MomentInterpreter(nn.Module):
         self.output_node = _first_output(self.graph)
         self.needed = _ancestors(self.output_node)
         self.final_layer = _final_layer(self.graph, self.needed) if config.output_covariance else None
+        self.keeps_maps = _descendants(self.final_layer) if self.final_layer is not None else set()
         self.attention_weights = _attention_weights(self.graph)
         self.register_buffer("variance_scale", torch.tensor(float(variance_scale)))
         if config.likelihood == "regression":
@@ -188,41 +201,39 @@ class MomentInterpreter(nn.Module):
 
     def _register_posterior(self, name: str, spec: ParameterPosterior, param: torch.Tensor) -> None:
         """Store the posterior of parameter ``name`` as buffers, with everything that depends on the posterior
-        alone (marginal variances, rearranged blocks) computed here, once, rather than in the moment graph."""
+        alone (marginal variances, rearranged blocks, eigenbases) computed here, once, rather than in the graph."""
         if isinstance(spec, torch.Tensor):
             tensors = {"var": spec}
         elif isinstance(spec, Kron):
-            marginal = KronWeight.marginal_variance(spec.q_out, spec.q_in, spec.d)
+            marginal = KronNoise.marginal_variance(spec.q_out, spec.q_in, spec.d)
             tensors = {"var": marginal, "q_out": spec.q_out, "q_in": spec.q_in, "d": spec.d}
         elif isinstance(spec, Dense):
-            tensors = DenseWeight.prepare(spec.block, param.shape[1])
-        else:
-            tensors = FullVector.prepare(spec.cov)
+            tensors = DenseBlockNoise.prepare(spec.block, param.shape[1])
+        else:  # a dense covariance of a vector: a diagonal noise in its eigenbasis
+            values, q = torch.linalg.eigh(spec.cov.double())
+            tensors = {"var": values.clamp_min(0.0), "q": q}
         for field_name, tensor in tensors.items():
             self.register_buffer(_buffer_name(field_name, name), tensor.to(param.dtype).clone())
         self.posterior_kinds[name] = None if isinstance(spec, torch.Tensor) else spec
 
     def _random_parameter(self, mean: torch.Tensor, name: str) -> Moment:
-        """The moment of a random parameter: diagonal, or structured (its marginal variances as ``var``)."""
+        """The random value of a parameter: its mean plus one noise of the posterior's covariance kind."""
         spec = self.posterior_kinds[name]
         field = lambda f: getattr(self, _buffer_name(f, name))  # noqa: E731
         if spec is None:
-            return Moment(mean, field("var"), False)
+            return Moment.of_noise(mean, Noise(field("var")))
         if isinstance(spec, Kron):
-            return KronWeight(mean, field("var"), q_out=field("q_out"), q_in=field("q_in"), d=field("d"))
+            return Moment.of_noise(mean, KronNoise(field("q_out"), field("q_in"), field("d"), field("var")))
         if isinstance(spec, Dense):
-            return DenseWeight(
-                mean, field("var"), full_block=field("full_block"), diag_block=field("diag_block"),
-                with_bias=spec.with_bias,
-            )
-        return FullVector(mean, field("var"), True, q=field("q"), values=field("values"))
+            return Moment.of_noise(mean, DenseBlockNoise(field("full_block"), spec.with_bias, field("var")))
+        return Moment.of_noise(mean, Noise(field("var")), jacobian=MatrixTangent.of(field("q")))
 
     def _bind(self, binding: tuple, user_inputs, moments: dict) -> object:
         if binding[0] == "input":
             return next(user_inputs)
         if binding[0] == "tensor":
             return getattr(self, binding[1])
-        if binding not in moments:  # one Moment per parameter, so tied uses share one root
+        if binding not in moments:  # one noise per parameter, so tied uses share it
             moments[binding] = self._random_parameter(getattr(self, binding[1]), binding[2])
         return moments[binding]
 
@@ -238,13 +249,13 @@ class MomentInterpreter(nn.Module):
                 "posterior), replace the op by a supported one, or add a rule with "
                 "@momentprop.passes.register(<op>) (see the README, 'Adding an op')."
             )
-        if not rule.raw:
-            args, kwargs = pytree.tree_map_only(Moment, Moment.materialised, (args, kwargs))
-        covariance = "full" if node is self.final_layer else self.config.covariance
+        covariance = "full" if node in self.keeps_maps else self.config.covariance
         ctx = RuleContext(covariance, self.config.attention, self.config.predictive, node in self.attention_weights)
         out = rule.fn(ctx, *args, **kwargs)
         if covariance == "full":
             pytree.tree_map_only(Moment, lambda m: _check_full_size(m, _describe(node)), out)
+        else:  # the diag policy: matrix maps collapse where they are formed
+            out = pytree.tree_map_only(Moment, Moment.collapsed_matrix_maps, out)
         return out
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -252,7 +263,7 @@ class MomentInterpreter(nn.Module):
         env: dict[torch.fx.Node, object] = {}
         if self.config.input_variance:
             half = len(inputs) // 2
-            inputs = tuple(Moment(x, v, False) for x, v in zip(inputs[:half], inputs[half:]))
+            inputs = tuple(Moment.diagonal(x, v) for x, v in zip(inputs[:half], inputs[half:]))
         user_inputs = iter(inputs)
         placeholders = iter(self.bindings)
         moments: dict[tuple, Moment] = {}
@@ -266,10 +277,7 @@ class MomentInterpreter(nn.Module):
     def _head(self, out: object) -> tuple[torch.Tensor, ...]:
         full = self.config.covariance == "full" or self.config.output_covariance
         if isinstance(out, Moment):
-            out = out.materialised()
-            if full and not out.full:
-                out = out.as_full()
-            mean, var = out.mean, out.var
+            mean, var = out.mean, out.covariance() if full else out.variance()
         else:
             mean = out
             var = out.new_zeros(*out.shape, out.shape[-1]) if full else torch.zeros_like(out)

@@ -14,30 +14,68 @@ from torch.export import ExportedProgram
 
 from ._version import __version__
 from .capture import is_sequence
-from .emit import CARD_PREFIX, emit_onnx, output_names, read_model_card
+from .emit import CARD_PREFIX, emit_onnx, read_model_card
 from momentprop.passes import heads
 
 from .errors import CalibrationError, InputError, PersistenceError, ProviderError
+from .options import Options
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """numpy's kind letter of a torch dtype: "f" float, "c" complex, "b" bool, "u"/"i" integer."""
+    if dtype.is_floating_point:
+        return "f"
+    if dtype.is_complex:
+        return "c"
+    if dtype == torch.bool:
+        return "b"
+    return "u" if dtype == torch.uint8 else "i"
+
+
+def check_input_dtype(what: str, got: str, got_kind: str, want: str, want_kind: str, expected_by: str) -> None:
+    """The input dtype rule of ``cm(x)`` and ``OnnxRunner``: a floating input of another precision (float64,
+    float16, bfloat16) is cast to the input's dtype; integer, bool or complex values for a floating input are
+    refused, since casting them would hide a wrong array; integer inputs (token ids) take integers (or bool) only,
+    cast to their width. Raises :class:`InputError` that names the input and says what to pass."""
+    if want_kind == "f":
+        ok, advice = got_kind == "f", "pass floating-point values (x.float() in torch, x.astype(np.float32) in numpy)"
+    elif want_kind in "iu":
+        ok, advice = got_kind in "iub", "pass integer ids"
+    else:
+        ok, advice = got_kind in "biu", "pass booleans or integers"
+    if not ok:
+        raise InputError(f"{what} has dtype {got}; {expected_by} {want}: {advice}")
 
 
 @dataclass(frozen=True)
 class CompiledInfo:
-    """What the moment graph does, in JSON-friendly fields (the model card, and what save/load keep)."""
+    """What the moment graph does: the compile options (stored once, here), the random parameters and the input
+    names. The model card and the saved file are made from it."""
 
-    covariance: str
-    likelihood: str | None
-    output_covariance: bool
-    sigma_noise: float | None
+    options: Options
     random_parameters: list[str]
     input_names: list[str]
-    link: str = "probit"
-    input_variance: bool = False
-    attention: str = "paper"
-    predictive: str = "suq"
 
-    @property
-    def returns_covariance(self) -> bool:
-        return self.covariance == "full" or self.output_covariance
+    covariance = property(lambda self: self.options.covariance)
+    likelihood = property(lambda self: self.options.likelihood)
+    output_covariance = property(lambda self: self.options.output_covariance)
+    sigma_noise = property(lambda self: self.options.sigma_noise)
+    link = property(lambda self: self.options.link)
+    input_variance = property(lambda self: self.options.input_variance)
+    attention = property(lambda self: self.options.attention)
+    predictive = property(lambda self: self.options.predictive)
+    returns_covariance = property(lambda self: self.options.returns_covariance)
+
+    def to_json(self) -> dict[str, object]:
+        """One flat JSON object: the options' fields, ``random_parameters`` and ``input_names``."""
+        return {**self.options.to_json(), "random_parameters": list(self.random_parameters),
+                "input_names": list(self.input_names)}
+
+    @classmethod
+    def from_json(cls, fields: dict[str, object]) -> "CompiledInfo":
+        fields = dict(fields)
+        rest = {"random_parameters": fields.pop("random_parameters"), "input_names": fields.pop("input_names")}
+        return cls(Options(**fields), **rest)
 
 
 class CompiledModel:
@@ -45,6 +83,11 @@ class CompiledModel:
 
     ``cm(x)`` returns ``(mean, var)``; ``var`` has the shape of ``mean``, or ``mean.shape + (C,)`` for a
     covariance (``covariance="full"`` or ``output_covariance=True``).
+
+    Inputs: batch (and sequence) dimensions are free, the others must match the example inputs. A floating input of
+    another precision (float64, float16, bfloat16) is cast to the compiled dtype (float32 for a float32 model);
+    integer or bool values for a floating input raise :class:`InputError` (a cast would hide a wrong array);
+    integer inputs (token ids) of another width are cast. ``OnnxRunner`` follows the same rule.
     """
 
     def __init__(self, program: ExportedProgram, info: CompiledInfo, example_inputs: Sequence[torch.Tensor]):
@@ -77,11 +120,19 @@ class CompiledModel:
             fixed = 2 if is_sequence(ex) else 1  # batch (and sequence length) are dynamic
             if not isinstance(x, torch.Tensor) or x.shape[fixed:] != ex.shape[fixed:] or x.dim() != ex.dim():
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise InputError(
-                    f"input {i} has shape {got}; the model was compiled for (batch, {', '.join(map(str, ex.shape[1:]))})"
-                )
+                compiled_for = ", ".join(map(str, ex.shape[1:]))
+                raise InputError(f"input {i} has shape {got}; the model was compiled for (batch, {compiled_for})")
+        inputs = tuple(self._cast(i, x, ex) for i, (x, ex) in enumerate(zip(inputs, self.example_inputs)))
         with torch.no_grad():
             return tuple(self._module(*inputs))
+
+    def _cast(self, index: int, x: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+        if x.dtype == example.dtype:
+            return x
+        name = self.input_names[index] if index < len(self.input_names) else str(index)
+        check_input_dtype(f"input {index} ('{name}')", str(x.dtype), _kind(x.dtype), str(example.dtype),
+                          _kind(example.dtype), "the model was compiled for")
+        return x.to(example.dtype)
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, var = self._run(inputs)[:2]
@@ -169,17 +220,10 @@ class CompiledModel:
             "method": "moment propagation: local linearisation of activations, Gaussian moment matching of "
             "linear layers (Li, Klasson, Solin, Trapp, ICLR 2025)",
             "version": __version__,
-            "covariance": self.covariance,
-            "output_covariance": self.info.output_covariance,
-            "likelihood": self.likelihood or "none",
-            "link": self.info.link,
-            "input_variance": self.info.input_variance,
-            "attention": self.info.attention,
-            "predictive": self.info.predictive,
-            "sigma_noise": self.sigma_noise,
-            "variance_scale": self.variance_scale,
+            **self.info.options.card(),
+            "variance_scale": self.variance_scale,  # the graph's own scale: cm.calibrate may have changed it
             "random_parameters": self.random_parameters,
-            "outputs": output_names(self.likelihood, self.returns_covariance),
+            "outputs": self.info.options.output_names(),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -194,7 +238,7 @@ class CompiledModel:
             self.program,
             self.example_inputs,
             self.input_names,
-            output_names(self.likelihood, self.returns_covariance),
+            self.info.options.output_names(),
             self.model_card(),
             path,
         )
@@ -247,8 +291,9 @@ class OnnxRunner:
         require_card: refuse files without momentprop's model card (files momentprop did not write).
 
     Inputs may be numpy arrays or torch tensors; batch (and sequence) dimensions are free, the others must match
-    the file. Integer and other floating inputs are cast to a floating input's dtype; integer inputs (token ids)
-    accept integers only.
+    the file. Dtypes follow the rule of ``cm(x)`` (:func:`check_input_dtype`): floating inputs of another precision
+    are cast to a floating input's dtype, integer and bool values for a floating input are refused with an
+    :class:`InputError`; integer inputs (token ids) take integers only.
     """
 
     def __init__(
@@ -275,9 +320,8 @@ class OnnxRunner:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        options.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel, {"disable": "ORT_DISABLE_ALL"}.get(optimization, f"ORT_ENABLE_{optimization.upper()}")
-        )
+        level = {"disable": "ORT_DISABLE_ALL"}.get(optimization, f"ORT_ENABLE_{optimization.upper()}")
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
@@ -327,12 +371,9 @@ class OnnxRunner:
         on_gpu = isinstance(x, torch.Tensor) and x.is_cuda and self.io_binding
         if isinstance(x, torch.Tensor) and not on_gpu:
             x = x.detach().cpu().numpy()
-        kind = ("f" if x.dtype.is_floating_point else "i") if on_gpu else np.asarray(x).dtype.kind
-        if kind not in "biuf" or (want.kind in "iub" and kind == "f"):
-            raise InputError(
-                f"input '{spec.name}' has dtype {x.dtype}; the file expects {want.name} ({spec.type}): pass "
-                + ("integer ids" if want.kind in "iu" else "a numeric (float) array")
-            )
+        kind = _kind(x.dtype) if on_gpu else np.asarray(x).dtype.kind
+        check_input_dtype(f"input '{spec.name}'", str(x.dtype), kind, f"{want.name} ({spec.type})", want.kind,
+                          "the file expects")
         if self.nan == "raise" and kind == "f" and x.shape[0]:
             finite = (torch.isfinite(x) if on_gpu else np.isfinite(x)).reshape(len(x), -1).all(-1)
             if not bool(finite.all()):
@@ -363,6 +404,8 @@ class OnnxRunner:
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
 
-def predict_onnx(path: str | os.PathLike, *inputs, provider: str | Sequence[str] = "cpu", **options) -> dict[str, np.ndarray]:
+def predict_onnx(
+    path: str | os.PathLike, *inputs, provider: str | Sequence[str] = "cpu", **options
+) -> dict[str, np.ndarray]:
     """Load ``path`` and run it once: ``OnnxRunner(path, provider, **options)(*inputs)``."""
     return OnnxRunner(path, provider, **options)(*inputs)

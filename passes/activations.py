@@ -4,7 +4,8 @@ For ``y = f(x)`` with ``x ~ N(m, v)``: mean ``f(m)`` (not corrected, so the comp
 pass at the posterior mean) and variance ``f'(m)^2 v`` (full: ``J Sigma J`` with ``J = diag f'(m)``).
 Every rule here is ``def_deriv(op, f')``: the derivative in closed form, because autograd inside the graph
 cannot be exported.  Derivatives receive the input mean ``x``, the output mean ``y`` and the op's extra
-arguments, and multiply the pending tangent, so chains of these ops are linearised as one function.
+arguments, and scale the value's maps (``Moment.scaled``), so chains of these ops are linearised as one function
+and values that share noise stay correlated.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ def def_deriv(op, derivative: Callable[..., Tensor | float]) -> Callable:
 
     def rule(ctx: RuleContext, x: Moment, *args, **kwargs) -> Moment:
         y = op(x.mean, *args, **kwargs)
-        return x.chained(y, derivative(x.mean, y, *args, **kwargs))
+        return x.scaled(y, derivative(x.mean, y, *args, **kwargs))
 
     rule.__name__ = f"linearise_{op.__name__.replace('.', '_')}"
-    rule.__doc__ = f"{op}: mean f(m), tangent f'(m) times the incoming tangent."
-    register(op, raw=True)(rule)
+    rule.__doc__ = f"{op}: mean f(m); every map scaled by f'(m)."
+    register(op, whole=True)(rule)
     return rule
 
 

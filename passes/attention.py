@@ -19,36 +19,33 @@ import torch
 from torch import Tensor
 
 from .linear import matmul
-from .moment import Moment, diagonal_matrix, is_random, mean_of
+from .moment import Moment, expand_move, is_random, mean_of, permute_move, reshape_move
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
 
 
-def _softmax_moment(x: Moment, dim: int, probs: Tensor, full: bool) -> Moment:
-    """Linearised softmax along ``dim``: ``J = diag(p) - p p^T``.  diag: ``Var y_i = p_i^2 (v_i (1 - 2 p_i) +
-    sum_j p_j^2 v_j)`` (exactly ``sum_j J_ij^2 v_j``); full along the last dim: ``J Sigma J^T``."""
-    last = dim % probs.dim() == probs.dim() - 1
-    if full and last:
-        x = x.as_full()
-    if x.full and last:
-        jac = diagonal_matrix(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
-        return Moment(probs, jac @ x.var @ jac.mT, True)
+def _softmax_moment(ctx: RuleContext, x: Moment, dim: int, probs: Tensor) -> Moment:
+    """Linearised softmax along ``dim``: ``J = diag(p) - p p^T``, applied to every map along the last dim; else
+    (or collapsed) ``Var y_i = p_i^2 (v_i (1 - 2 p_i) + sum_j p_j^2 v_j)`` (exactly ``sum_j J_ij^2 v_j``)."""
+    if ctx.keeps_maps and dim % probs.dim() == probs.dim() - 1:
+        jac = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+        return x.left_multiplied(probs, jac)
     v = x.variance()
     var = probs * probs * (v * (1.0 - 2.0 * probs) + (probs * probs * v).sum(dim, keepdim=True))
-    return Moment(probs, diagonal_matrix(var) if x.full else var, x.full)
+    return Moment.diagonal(probs, var.clamp_min(0.0))
 
 
-@register(aten._softmax.default, aten.softmax.int)
+@register(aten._softmax.default, aten.softmax.int, whole=True)
 def softmax(ctx: RuleContext, x: Moment, dim: int, half_or_dtype=None) -> Moment | Tensor:
     """Softmax linearised; attention weights under the paper's rule are taken at the mean instead."""
     probs = torch.softmax(x.mean, dim)
     if ctx.attention == "paper" and ctx.attention_weights:
         return probs
-    return _softmax_moment(x, dim, probs, ctx.covariance == "full")
+    return _softmax_moment(ctx, x, dim, probs)
 
 
-@register(aten.scaled_dot_product_attention.default)
+@register(aten.scaled_dot_product_attention.default, whole=True)
 def scaled_dot_product_attention(
     ctx: RuleContext, q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale=None,
     enable_gqa: bool = False,
@@ -66,25 +63,22 @@ def scaled_dot_product_attention(
         v = _repeat_heads(v, repeat)
     scale = 1.0 / math.sqrt(q_mean.shape[-1]) if scale is None else scale
     scores = _scores(ctx, q, k, scale)
-    scores_mean = mean_of(scores)
-    bias = _mask_bias(attn_mask, is_causal, scores_mean)
+    bias = _mask_bias(attn_mask, is_causal, mean_of(scores))
     if bias is not None:
-        scores = scores + bias if not is_random(scores) else Moment(scores.mean + bias, scores.var, scores.full)
+        scores = scores + bias if not is_random(scores) else scores.with_mean(scores.mean + bias)
     weights = softmax(ctx, scores, -1) if is_random(scores) else torch.softmax(scores, -1)
-    weights = _no_nan(weights)
-    out = matmul(ctx, weights, v)
-    if not is_random(out):
-        return mean
-    return Moment(mean, out.var, out.full)
+    out = matmul(ctx, _no_nan(ctx, weights), v)
+    return out.with_mean(mean) if is_random(out) else mean
 
 
 def _scores(ctx: RuleContext, q, k, scale: float):
-    """``q k^T * scale``: deterministic under the paper's rule, else the product rule (q and k independent)."""
+    """``q k^T * scale``: deterministic under the paper's rule, else the product rule."""
     if ctx.attention == "paper" or not (is_random(q) or is_random(k)):
         return (mean_of(q) @ mean_of(k).mT) * scale
-    k_t = Moment(k.mean.mT, k.variance().mT, False) if is_random(k) else k.mT
+    n = mean_of(k).dim()
+    k_t = k.moved(k.mean.mT, permute_move([*range(n - 2), n - 1, n - 2])) if is_random(k) else k.mT
     product = matmul(ctx, q, k_t)
-    return Moment(product.mean * scale, product.var * scale * scale, product.full)
+    return product.scaled(product.mean * scale, scale) if is_random(product) else product * scale
 
 
 def _mask_bias(attn_mask, is_causal: bool, scores: Tensor) -> Tensor | None:
@@ -99,14 +93,24 @@ def _mask_bias(attn_mask, is_causal: bool, scores: Tensor) -> Tensor | None:
     return bias
 
 
-def _no_nan(weights):
+def _no_nan(ctx: RuleContext, weights):
     """Rows with every key masked are NaN in the mean; they must carry zero variance, not NaN."""
-    if is_random(weights):
-        return Moment(torch.nan_to_num(weights.mean), torch.nan_to_num(weights.var), weights.full)
-    return torch.nan_to_num(weights)
+    if not is_random(weights):
+        return torch.nan_to_num(weights)
+    mean = torch.nan_to_num(weights.mean)
+    if ctx.keeps_maps:
+        return Moment.with_covariance(mean, torch.nan_to_num(weights.covariance()))
+    return Moment.diagonal(mean, torch.nan_to_num(weights.variance()))
 
 
 def _repeat_heads(x, repeat: int):
+    """``repeat_interleave(repeat, dim=-3)`` (grouped-query attention) as data movement."""
     if not is_random(x):
         return x.repeat_interleave(repeat, dim=-3)
-    return Moment(x.mean.repeat_interleave(repeat, dim=-3), x.var.repeat_interleave(repeat, dim=-3), x.full)
+    *lead, heads, t, d = x.mean.shape
+    mean = x.mean.repeat_interleave(repeat, dim=-3)
+    unsqueezed = (*lead, heads, 1, t, d)
+    expanded = (*lead, heads, repeat, t, d)
+    y = x.moved(x.mean.reshape(unsqueezed), reshape_move(x.mean.shape, unsqueezed))
+    y = y.moved(y.mean.expand(expanded), expand_move(unsqueezed, expanded))
+    return y.moved(mean, reshape_move(expanded, mean.shape))

@@ -1,127 +1,166 @@
 """Elementwise arithmetic: add, sub, mul, div, pow, where, and ops whose output carries no variance.
 
-Operands of one root (the same random tensor reached along different paths) are combined exactly by the chain
-rule on the pending tangent; operands of different roots are taken as independent (the paper's assumption for
-residuals and products of random tensors).
+Every rule is linear in the maps of its operands (``combine``: each operand's maps scaled by its partial
+derivative), so operands that share noise, whatever path they took, are combined exactly.  A product of two
+random values is the bilinear family: its two partial products are the JVP, and under ``predictive="suq"`` the
+family adds the Gaussian second-order term.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-from .moment import Moment, is_random, linear_combination, merge_parts, promote, same_root
+from .moment import Moment, Noise, RowCovarianceNoise, combine, is_random, mean_of
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
 
 
-def _combine(mean: Tensor, a: object, b: object, d_a, d_b) -> Moment:
-    """Linearised combination of two operands: ``d_a``, ``d_b`` are the local partial derivatives."""
-    if not (is_random(a) or is_random(b)):
-        return mean
-    if not is_random(b):
-        return a.chained(mean, d_a)
-    if not is_random(a):
-        return b.chained(mean, d_b)
-    if a.tracked or b.tracked or same_root(a, b):  # parts of one root combine by the chain rule, the rest add
-        return merge_parts(mean, [(d_a, a), (d_b, b)])
-    return linear_combination(mean, [(d_a, a), (d_b, b)])
+def second_order_product(ctx: RuleContext, mean: Tensor, a: Moment, b: Moment) -> Moment | None:
+    """The part of ``a * b`` beyond its JVP, for jointly Gaussian operands (Isserlis): ``Var = p q + c^2`` per entry
+    (variances p, q, covariance c); full: ``Cov_ij = Sa_ij Sb_ij + Cab_ij Cab_ji``.  A fresh noise, uncorrelated with
+    the JVP's terms (third moments vanish).  None under ``predictive="glm"``."""
+    if ctx.first_order:
+        return None
+    if not ctx.keeps_maps:
+        p, q = a.variance(), b.variance()
+        c = _elementwise_covariance(a, b)
+        var = p * q if c is None else p * q + c * c
+        return Moment.diagonal(mean, var.expand(mean.shape))
+    sa, sb = a.covariance(), b.covariance()
+    cab = _cross_covariance(a, b)
+    cov = sa * sb if cab is None else sa * sb + cab * cab.mT
+    return Moment.of_noise(mean, RowCovarianceNoise(cov.expand(*mean.shape, mean.shape[-1])))
 
 
-def _mean(x: object) -> object:
-    return x.mean if is_random(x) else x
+def _elementwise_covariance(a: Moment, b: Moment) -> Tensor | None:
+    """``Cov(a_i, b_i)`` from the shared noises: ``(Var(a + b) - Var a - Var b) / 2``."""
+    if not _shares_noise(a, b):
+        return None
+    both = Moment(a.mean, a.terms + b.terms)
+    return 0.5 * (both.variance() - a.variance() - b.variance())
 
 
-@register(aten.add.Tensor, aten.add.Scalar, raw=True)
+def _cross_covariance(a: Moment, b: Moment) -> Tensor | None:
+    """``Cov(a_i, b_j)`` over the last dimension."""
+    if not _shares_noise(a, b):
+        return None
+    both = Moment(a.mean, a.terms + b.terms)
+    return 0.5 * (both.covariance() - a.covariance() - b.covariance())
+
+
+def _shares_noise(a: Moment, b: Moment) -> bool:
+    groups = {id(t.noise.group) for t in a.terms}
+    return any(id(t.noise.group) in groups for t in b.terms)
+
+
+def defbilinear(op, product: Callable[..., Tensor], left_partial, right_partial) -> Callable:
+    """Register a product ``op(a, b)``: ``left_partial(b_mean)`` scales ``a``'s maps and ``right_partial(a_mean)``
+    scales ``b``'s (elementwise partial derivatives); with both operands random the family adds
+    :func:`second_order_product` under ``predictive="suq"``."""
+
+    def rule(ctx: RuleContext, a, b) -> Moment | Tensor:
+        mean = product(mean_of(a), mean_of(b))
+        out = combine(mean, [(left_partial(mean_of(b)), a), (right_partial(mean_of(a)), b)])
+        if is_random(a) and is_random(b):
+            extra = second_order_product(ctx, mean, a, b)
+            if extra is not None:
+                out = out.plus(*extra.terms) if is_random(out) else extra
+        return out
+
+    rule.__name__ = f"bilinear_{op.__name__.replace('.', '_')}"
+    rule.__doc__ = f"{op}: bilinear; JVP ``b da + a db``, plus the second-order term under suq."
+    register(op)(rule)
+    return rule
+
+
+def _as_tensor(x) -> Tensor | float:
+    return x if isinstance(x, Tensor) else float(x)
+
+
+mul = defbilinear(aten.mul.Tensor, aten.mul.Tensor, _as_tensor, _as_tensor)
+register(aten.mul.Scalar)(mul)
+
+
+@register(aten.add.Tensor, aten.add.Scalar)
 def add(ctx: RuleContext, a, b, alpha=1) -> Moment:
-    """``a + alpha b``: mean adds; var_a + alpha^2 var_b for independent operands (exact)."""
-    return _combine(aten.add.Tensor(_mean(a), _mean(b), alpha=alpha), a, b, 1.0, float(alpha))
+    """``a + alpha b``: linear; maps of shared noises add (exact)."""
+    return combine(aten.add.Tensor(mean_of(a), mean_of(b), alpha=alpha), [(1.0, a), (float(alpha), b)])
 
 
-@register(aten.sub.Tensor, aten.sub.Scalar, raw=True)
+@register(aten.sub.Tensor, aten.sub.Scalar)
 def sub(ctx: RuleContext, a, b, alpha=1) -> Moment:
-    """``a - alpha b``: var_a + alpha^2 var_b for independent operands (exact)."""
-    return _combine(aten.sub.Tensor(_mean(a), _mean(b), alpha=alpha), a, b, 1.0, -float(alpha))
+    """``a - alpha b``: linear (exact)."""
+    return combine(aten.sub.Tensor(mean_of(a), mean_of(b), alpha=alpha), [(1.0, a), (-float(alpha), b)])
 
 
-@register(aten.rsub.Scalar, aten.rsub.Tensor, raw=True)
+@register(aten.rsub.Scalar, aten.rsub.Tensor)
 def rsub(ctx: RuleContext, a, b, alpha=1) -> Moment:
     """``b - alpha a``."""
     return sub(ctx, b, a, alpha)
 
 
-@register(aten.neg.default, raw=True)
+@register(aten.neg.default)
 def neg(ctx: RuleContext, a: Moment) -> Moment:
-    """``-a``: the variance is unchanged (exact)."""
-    return a.chained(-a.mean, -1.0)
+    """``-a``: linear (exact)."""
+    return a.scaled(-a.mean, -1.0)
 
 
-@register(aten.mul.Tensor, aten.mul.Scalar, raw=True)
-def mul(ctx: RuleContext, a, b) -> Moment:
-    """``a b``. With a constant c: c^2 var (exact).  Independent random operands: the exact product
-    variance ``m_a^2 v_b + m_b^2 v_a + v_a v_b`` (full: the same with outer products and Hadamard products;
-    first order, ``predictive="glm"``: without ``v_a v_b``)."""
-    mean = aten.mul.Tensor(_mean(a), _mean(b))
-    linear = _combine(mean, a, b, _mean(b), _mean(a))
-    if not (is_random(a) and is_random(b)) or same_root(a, b) or ctx.first_order:
-        return linear
-    va, vb = promote(a, b)  # the second-order term, independent of both
-    if linear.tracked:
-        return linear.plus_parts(Moment(mean, va.var * vb.var, va.full))
-    return Moment(mean, linear.var + va.var * vb.var, linear.full)
-
-
-@register(aten.div.Tensor, aten.div.Scalar, raw=True)
+@register(aten.div.Tensor, aten.div.Scalar)
 def div(ctx: RuleContext, a, b) -> Moment:
     """``a / b`` linearised: d/da = 1/m_b, d/db = -m_a/m_b^2 (exact when only ``a`` is random)."""
-    mean = aten.div.Tensor(_mean(a), _mean(b))
-    inv_b = 1.0 / _mean(b)
-    return _combine(mean, a, b, inv_b, -mean * inv_b if is_random(b) else 0.0)
+    mean = aten.div.Tensor(mean_of(a), mean_of(b))
+    inv_b = 1.0 / _as_tensor(mean_of(b))
+    return combine(mean, [(inv_b, a), (-mean * inv_b, b)])
 
 
-@register(aten.pow.Tensor_Scalar, raw=True)
+@register(aten.pow.Tensor_Scalar)
 def pow_scalar(ctx: RuleContext, a: Moment, exponent) -> Moment:
     """``a^p`` linearised: derivative p a^(p-1)."""
     mean = aten.pow.Tensor_Scalar(a.mean, exponent)
-    return a.chained(mean, exponent * aten.pow.Tensor_Scalar(a.mean, exponent - 1))
+    return a.scaled(mean, exponent * aten.pow.Tensor_Scalar(a.mean, exponent - 1))
 
 
-@register(aten.pow.Tensor_Tensor, raw=True)
+@register(aten.pow.Tensor_Tensor)
 def pow_tensor(ctx: RuleContext, a, b) -> Moment:
     """``a^b`` linearised in both operands: d/da = b a^(b-1), d/db = a^b log a."""
-    mean = aten.pow.Tensor_Tensor(_mean(a), _mean(b))
-    d_a = _mean(b) * aten.pow.Tensor_Tensor(_mean(a), _mean(b) - 1) if is_random(a) else 0.0
-    d_b = mean * torch.log(_mean(a)) if is_random(b) else 0.0
-    return _combine(mean, a, b, d_a, d_b)
+    mean = aten.pow.Tensor_Tensor(mean_of(a), mean_of(b))
+    d_a = mean_of(b) * aten.pow.Tensor_Tensor(mean_of(a), mean_of(b) - 1) if is_random(a) else 0.0
+    d_b = mean * torch.log(mean_of(a)) if is_random(b) else 0.0
+    return combine(mean, [(d_a, a), (d_b, b)])
 
 
-@register(aten.where.self, raw=True)
+@register(aten.where.self)
 def where(ctx: RuleContext, condition: Tensor, a, b) -> Moment:
-    """``where(c, a, b)`` selects elementwise; the selected operand's variance passes unchanged (exact)."""
-    if is_random(condition):
-        condition = condition.mean
-    mean = aten.where.self(condition, _mean(a), _mean(b))
-    return _combine(mean, a, b, condition.to(mean.dtype), (~condition).to(mean.dtype))
+    """``where(c, a, b)`` selects elementwise; the selected operand's maps pass unchanged (exact)."""
+    condition = mean_of(condition)
+    mean = aten.where.self(condition, mean_of(a), mean_of(b))
+    return combine(mean, [(condition.to(mean.dtype), a), ((~condition).to(mean.dtype), b)])
 
 
-def _no_variance(op):
-    """Ops whose output is deterministic given the mean (comparisons, rounding, sign, argmax, shapes):
-    a linearisation has zero derivative there, so the op runs on the mean."""
+def defzero(*ops) -> None:
+    """Ops whose output is deterministic given the mean (comparisons, rounding, sign, argmax, shapes): a
+    linearisation has zero derivative there, so the op runs on the means."""
+    for op in ops:
 
-    def rule(ctx: RuleContext, *args, **kwargs):
-        return op(*(_mean(a) for a in args), **kwargs)
+        def rule(ctx: RuleContext, *args, _op=op, **kwargs):
+            return _op(*(mean_of(a) for a in args), **kwargs)
 
-    rule.__doc__ = f"{op}: evaluated at the mean; carries no variance."
-    return rule
+        rule.__name__ = f"zero_{op.__name__.replace('.', '_')}"
+        rule.__doc__ = f"{op}: evaluated at the mean; carries no variance."
+        register(op)(rule)
 
 
-for _op in (
+defzero(
     aten.gt.Scalar, aten.gt.Tensor, aten.ge.Scalar, aten.ge.Tensor, aten.lt.Scalar, aten.lt.Tensor,
     aten.le.Scalar, aten.le.Tensor, aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ne.Tensor,
     aten.sign.default, aten.floor.default, aten.ceil.default, aten.round.default, aten.trunc.default,
     aten.argmax.default, aten.argmin.default, aten.isnan.default, aten.isinf.default,
     aten.logical_not.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
     aten.empty_like.default, aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
-):
-    register(_op, raw=True)(_no_variance(_op))
+)
+
+__all__ = ["Noise", "add", "defbilinear", "defzero", "div", "mul", "neg", "sub", "where"]

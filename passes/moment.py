@@ -1,288 +1,53 @@
-"""The value every rule works on: a Gaussian tensor carried as a mean and a (co)variance.
+"""The value every rule works on: a mean plus linear maps of named, independent noises.
 
-Two covariance kinds exist side by side:
+A random tensor is carried as
 
-* ``full=False`` (diag): ``var`` is the elementwise variance, broadcastable to ``mean``;
-* ``full=True``: ``var`` is the covariance over the last (feature) dimension, shape ``mean.shape + (C,)``.
+    x = mean + sum_k  scale_k * after_k( J_k  layout_k(eps_k) )
 
-A moment may also carry a pending elementwise Jacobian, ``tangent``: the tensor is then
-``mean + tangent * eps`` with ``eps`` the zero-mean Gaussian whose (co)variance is ``var`` (its *root*).
-Elementwise rules extend the tangent by the chain rule instead of materialising a variance after every
-op, so a composite activation such as ``x * sigmoid(x)`` or GPT-2's tanh-GELU is linearised as ONE function
-(pushing variance through each of its ops with independence assumptions is about 10x off).  Two operands
-with the same root are recognised by the identity of their ``var`` tensor.
+* ``eps_k`` is a :class:`Noise`: a zero-mean Gaussian source with independent entries and an identity of its own
+  (the object), never a tensor's identity.  Its covariance kind is its class: diagonal (:class:`Noise`), a dense
+  per-row covariance (:class:`RowCovarianceNoise`), Kronecker factors or a dense block of a weight
+  (``weights.py``), or a random weight applied to an input (:class:`WeightUse`, the weight noise shared by every
+  row and every use of the weight).
+* ``layout`` moves the noise's entries to the *root* (views, permutes, slices, expands, lookups; ``Layout``),
+  ``J`` is an optional linear map over the last dimension (a :class:`MatrixTangent`, kept as its factors),
+  ``after`` moves the result again (data movement after a matrix map), and ``scale`` is an elementwise factor
+  (the derivatives of elementwise ops), in the value's layout.
 
-In full mode the tangent may also be a matrix, :class:`MatrixTangent` ``J (..., C, R)``: the tensor is
-``mean + J eps`` with ``eps`` a root of ``R`` features per row.  Products with deterministic weights, LayerNorm
-and row reshapes extend it (``J <- W J``) instead of forming ``W Sigma W^T``, so a residual block
-``h + f(h)`` keeps the covariance between its two branches: ``(I + J_f) Sigma (I + J_f)^T``, where independent
-branches would give ``Sigma + J_f Sigma J_f^T``.  The root's variance keeps its own row layout; it is reshaped to
-the tangent's rows when the moment is materialised.
+One (noise, map) pair is a :class:`Term`.  Every op applies its JVP to the maps: elementwise ops multiply the
+scales, data movement appends to the layouts, linear maps extend ``J``.  Views, clones and ``detach`` move maps
+and never noise identities, so ``h * h.clone()`` or the gates of a GRU are products of correlated values and are
+combined exactly.  Terms of one noise with the same layout are merged (their maps add); terms of correlated
+noises (two uses of one weight, two layouts of one noise) are kept apart and their cross-covariances are added
+when the (co)variance is formed.  So with first-order terms only (``predictive="glm"``) and nothing collapsed
+(``covariance="full"``), the covariance is exactly ``J S J^T``.
 
-A full-mode moment may also be a sum of independent noises, ``parts``, each a root with its own tangent: a
-random linear layer passes its input's noises through the mean weights (``J <- M^T J``, each on its root) and
-adds its weight noise as one more part, instead of forming ``M^T Sigma M + diag(...)``.  Values of one root
-are combined by the chain rule part by part, so the branches of a residual block stay correlated even through
-random weights, and with ``predictive="glm"`` the output is the GLM predictive's ``sum_l J_l S_l J_l^T`` without
-a (points x width x width) covariance after every layer.
+Where a map cannot be kept (a matrix map whose last dimension is moved into another axis, a product that mixes
+rows), the term is *collapsed*: replaced by a fresh noise with its exact marginal variance, independent of the
+rest.  ``covariance="diag"`` is the policy that collapses every matrix map where it is formed (the paper's
+diagonal variant); elementwise maps and data movement are kept in both modes.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 if TYPE_CHECKING:
     from .shared_weight import SharedNoise
 
+aten = torch.ops.aten
 
 
-@dataclass(frozen=True, eq=False)
-class MatrixTangent:
-    """A Jacobian kept as its factors, ``J = diag(d_k) F_k diag(d_(k-1)) ... F_1 diag(d_0)``: ``matrices`` are
-    ``F_1 .. F_k`` (innermost first, each ``(..., C_i, C_(i-1))``, leading dims absent for one matrix shared by
-    every row) and ``diagonals`` are ``d_0 .. d_k`` (elementwise derivatives, None for 1).
-
-    Layers only append factors; the product is formed once, when the moment is materialised or combined, and
-    from its smaller end: a network's output ``W_3 diag(r_2) W_2 diag(r_1)`` on a hidden root becomes
-    ``(points, outputs, width)`` products instead of a ``(points, width, width)`` Jacobian per layer.  A diagonal
-    ``d_0`` next to a diagonal root is folded into the root's variance and never multiplied into a matrix."""
-
-    matrices: tuple[Tensor, ...]
-    diagonals: tuple[Tensor | None, ...]
-
-    @staticmethod
-    def of(j: Tensor, cols: Tensor | None = None) -> "MatrixTangent":
-        """``j diag(cols)``."""
-        return MatrixTangent((j,), (cols, None))
-
-    @property
-    def root_size(self) -> int:
-        return self.matrices[0].shape[-1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.matrices[0].dtype
-
-    @property
-    def is_shared_matrix(self) -> bool:
-        """One matrix for every row and nothing pending."""
-        return len(self.matrices) == 1 and self.matrices[0].dim() == 2 and all(d is None for d in self.diagonals)
-
-    def then(self, left: Tensor) -> "MatrixTangent":
-        """``left @ J``."""
-        return MatrixTangent(self.matrices + (left,), self.diagonals + (None,))
-
-    def scaled(self, derivative: Tensor | float) -> "MatrixTangent":
-        """``diag(derivative) J``."""
-        *inner, rows = self.diagonals
-        if not isinstance(derivative, Tensor):
-            if rows is None:
-                return MatrixTangent(self.matrices[:-1] + (derivative * self.matrices[-1],), self.diagonals)
-            return MatrixTangent(self.matrices, (*inner, derivative * rows))
-        derivative = derivative.to(self.dtype)
-        return MatrixTangent(self.matrices, (*inner, derivative if rows is None else derivative * rows))
-
-    def without_cols(self) -> tuple["MatrixTangent", Tensor | None]:
-        """``(J diag(d_0)^-1, d_0)``: the product without its innermost diagonal, and that diagonal."""
-        cols = self.diagonals[0]
-        return (self if cols is None else MatrixTangent(self.matrices, (None, *self.diagonals[1:]))), cols
-
-    def dense(self) -> Tensor:
-        """The product, formed from the output end when it is the smaller one (else from the root end)."""
-        matrices, diagonals = self.matrices, self.diagonals
-        if len(matrices) > 1 and matrices[-1].shape[-2] < matrices[0].shape[-1]:
-            j = matrices[-1]
-            for d, m in zip(reversed(diagonals[1:-1]), reversed(matrices[:-1])):
-                j = (j if d is None else j * d.unsqueeze(-2)) @ m
-            if diagonals[0] is not None:
-                j = j * diagonals[0].unsqueeze(-2)
-        else:
-            j = matrices[0] if diagonals[0] is None else matrices[0] * diagonals[0].unsqueeze(-2)
-            for d, m in zip(diagonals[1:-1], matrices[1:]):
-                j = m @ (j if d is None else d.unsqueeze(-1) * j)
-        return j if diagonals[-1] is None else diagonals[-1].unsqueeze(-1) * j
-
-
-Tangent = Union[Tensor, float, MatrixTangent, None]
-
-
-@dataclass(frozen=True, eq=False)
-class Moment:
-    mean: Tensor
-    var: Tensor
-    full: bool = False
-    tangent: Tangent = None
-    shared: "SharedNoise | None" = None  # a projection's row-shared weight noise (shared_weight.py), diag only
-    parts: tuple["Moment", ...] = ()  # further independent noises, each a root with its own tangent (full mode)
-
-    @property
-    def feature_size(self) -> int:
-        return self.mean.shape[-1] if self.mean.dim() else 1
-
-    def materialised(self) -> "Moment":
-        """The same Gaussian with the tangent folded into ``var`` and ``var`` shaped like ``mean``."""
-        if self.parts:
-            return _sum_parts(self)
-        if self.tangent is None and self.var_has_mean_shape():
-            return self
-        jac = 1.0 if self.tangent is None else self.tangent
-        if isinstance(jac, MatrixTangent):
-            return self._materialised_matrix(jac)
-        var = self._root_in_rows()
-        if not self.full:
-            return Moment(self.mean, broadcast_to(_squared(jac) * var, self.mean.shape), False)
-        if isinstance(jac, Tensor):  # J Sigma J as two broadcast products: no (C, C) mask is formed
-            cov = (jac.unsqueeze(-1) * var) * jac.unsqueeze(-2)
-        else:
-            cov = (jac * jac) * var
-        size = self.feature_size
-        return Moment(self.mean, broadcast_to(cov, (*self.mean.shape, size)), True)
-
-    def _materialised_matrix(self, tangent: MatrixTangent) -> "Moment":
-        rows, size = self.mean.shape[:-1], tangent.root_size
-        if self.full:
-            j = tangent.dense()
-            cov = j @ self.var.reshape(*rows, size, size) @ j.mT
-        else:
-            j, root = self._folded_root(tangent)
-            cov = (j * root.unsqueeze(-2)) @ j.mT
-        return Moment(self.mean, broadcast_to(cov, (*self.mean.shape, self.feature_size)), True)
-
-    def _folded_root(self, tangent: MatrixTangent) -> tuple[Tensor, Tensor]:
-        """``(J', v')`` with ``J diag(v) J^T = J' diag(v') J'^T``: the tangent's innermost diagonal moved into the
-        (diagonal) root's variance, laid out per row."""
-        tangent, cols = tangent.without_cols()
-        root = self.var.reshape(*self.mean.shape[:-1], tangent.root_size)
-        return tangent.dense(), root if cols is None else root * (cols * cols)
-
-    def _root_in_rows(self) -> Tensor:
-        """The root's variance in the mean's row layout (a reshape moved the rows of the mean and the tangent but
-        kept the root, so that other uses of it still recognise it)."""
-        extra = 2 if self.full else 1
-        rows_var, rows_mean = self.var.shape[: self.var.dim() - extra], self.mean.shape[:-1]
-        if self.var.dim() <= extra or same_shape(rows_var, rows_mean):
-            return self.var
-        if statically_known_true(math.prod(rows_var) == math.prod(rows_mean)):
-            return self.var.reshape(*rows_mean, *self.var.shape[-extra:])
-        return self.var  # a root broadcast over rows
-
-    @property
-    def tracked(self) -> bool:
-        """Carries noises by their roots (parts or a matrix tangent): combine it by root, never by materialising."""
-        return bool(self.parts) or isinstance(self.tangent, MatrixTangent)
-
-    def without_parts(self) -> "Moment":
-        return Moment(self.mean, self.var, self.full, self.tangent) if self.parts else self
-
-    def all_parts(self) -> tuple["Moment", ...]:
-        """This moment as a sum of independent noises, each with its own root."""
-        return (self.without_parts(),) + self.parts
-
-    def plus_parts(self, *parts: "Moment") -> "Moment":
-        """This moment plus further independent noises."""
-        return sum_of_parts(self.all_parts() + parts)
-
-    def left_multiplied(self, mean: Tensor, left: Tensor) -> "Moment":
-        """``left @ x`` for a deterministic ``left`` (..., C_out, C): every noise's tangent ``J <- left J``."""
-        return sum_of_parts([Moment(mean, p.var, p.full, matrix_jacobian(p, left)) for p in map(Moment.rooted_per_row, self.all_parts())])
-
-    def chained(self, mean: Tensor, derivative: Tensor | float) -> "Moment":
-        """``f(x)`` for an elementwise ``f`` with derivative ``derivative``: every noise's tangent scaled."""
-        parts = tuple(p.chained(mean, derivative) for p in self.parts)
-        return Moment(mean, self.var, self.full, chain(derivative, jacobian(self)), parts=parts)
-
-    def with_mean(self, mean: Tensor) -> "Moment":
-        return Moment(mean, self.var, self.full, self.tangent, parts=tuple(p.with_mean(mean) for p in self.parts))
-
-    def variance(self) -> Tensor:
-        """Elementwise variance, shaped like ``mean``."""
-        if self.parts:
-            total = self.without_parts().variance()
-            for p in self.parts:
-                total = total + p.variance()
-            return total
-        if isinstance(self.tangent, MatrixTangent) and not self.full:  # diag(J diag(v) J^T) = (J * J) v
-            return broadcast_to(self._matrix_tangent_variance(self.tangent), self.mean.shape)
-        m = self.materialised()
-        return torch.diagonal(m.var, dim1=-2, dim2=-1) if m.full else m.var
-
-    def _matrix_tangent_variance(self, tangent: MatrixTangent) -> Tensor:
-        if len(tangent.matrices) > 1:
-            j, root = self._folded_root(tangent)
-            return ((j * j) @ root.unsqueeze(-1)).squeeze(-1)
-        # J = diag(r) M diag(c): (J * J) v = r^2 (M * M) (c^2 v), without a per-row matrix when M is shared
-        (m,), (cols, rows) = tangent.matrices, tangent.diagonals
-        v = self.var.reshape(*self.mean.shape[:-1], tangent.root_size)
-        v = v if cols is None else v * (cols * cols)
-        out = v @ (m * m).mT if m.dim() == 2 else ((m * m) @ v.unsqueeze(-1)).squeeze(-1)
-        return out if rows is None else out * (rows * rows)
-
-    def as_full(self) -> "Moment":
-        """Covariance over the last dimension; a diagonal moment becomes a diagonal matrix."""
-        m = self.materialised()
-        return m if m.full else Moment(m.mean, diagonal_matrix(m.var), True)
-
-    def rooted_per_row(self) -> "Moment":
-        """This moment (one part) with a root laid out per row (a root shared by every row, such as a bias, is
-        expanded): what a matrix tangent needs."""
-        if isinstance(self.tangent, MatrixTangent) or self.var_has_mean_shape():
-            return self
-        var = self._root_in_rows()
-        if var is not self.var and self.tangent is None:
-            return self  # rows regrouped since: the root stays, the tangent will be laid out per row
-        return self.materialised()
-
-    def var_has_mean_shape(self) -> bool:
-        expected = (*self.mean.shape, self.feature_size) if self.full else tuple(self.mean.shape)
-        return same_shape(self.var.shape, expected)
-
-
-def _sum_parts(m: Moment) -> Moment:
-    parts = promote(*m.all_parts())
-    total = parts[0].var
-    for p in parts[1:]:
-        total = total + p.var
-    return Moment(m.mean, total, parts[0].full)
-
-
-def merge_parts(mean: Tensor, terms: list[tuple[Tensor | float, Moment]]) -> Moment:
-    """``sum_i d_i * x_i`` for moments made of independent parts: parts of one root are combined by the chain rule,
-    the others stay separate (independent) parts."""
-    merged: list[tuple[Moment, Tangent]] = []
-    for derivative, moment in terms:
-        for part in moment.all_parts():
-            tangent = chain(derivative, jacobian(part))
-            for i, (root, existing) in enumerate(merged):
-                if same_root(root, part):
-                    merged[i] = (root, add_tangents(_numeric(existing, mean), _numeric(tangent, mean)))
-                    break
-            else:
-                merged.append((part, tangent))
-    return sum_of_parts([Moment(mean, root.var, root.full, tangent) for root, tangent in merged])
-
-
-def sum_of_parts(parts) -> Moment:
-    """One moment made of independent noises (the first part carries the others)."""
-    first, *rest = parts
-    return Moment(first.mean, first.var, first.full, first.tangent, parts=tuple(rest))
-
-
-def _numeric(jac, like: Tensor):
-    """Boolean (0/1 mask) Jacobians as numbers, so that adding two of them sums instead of or-ing."""
-    return jac.to(like.dtype) if isinstance(jac, Tensor) and jac.dtype == torch.bool else jac
-
-
-def _squared(jac: Tensor | float) -> Tensor | float:
-    """``jac^2``; a boolean Jacobian (a 0/1 mask such as relu's) is its own square."""
-    if isinstance(jac, Tensor) and jac.dtype == torch.bool:
-        return jac
-    return jac * jac
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def same_shape(a, b) -> bool:
@@ -302,6 +67,575 @@ def diagonal_matrix(variance: Tensor) -> Tensor:
     return variance.unsqueeze(-1) * eye
 
 
+def _squared(scale):
+    """``scale^2``; a boolean scale (a 0/1 mask such as relu's derivative) is its own square."""
+    if isinstance(scale, Tensor) and scale.dtype == torch.bool:
+        return scale
+    return scale * scale
+
+
+def _numeric(scale, like: Tensor):
+    return scale.to(like.dtype) if isinstance(scale, Tensor) and scale.dtype == torch.bool else scale
+
+
+def _times(a, b):
+    """``a * b`` for scales, skipping exact ones so the graph stays small; boolean masks multiply as masks."""
+    if isinstance(a, float) and a == 1.0:
+        return b
+    if isinstance(b, float) and b == 1.0:
+        return a
+    if isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == torch.bool and b.dtype == torch.bool:
+        return a & b
+    if isinstance(a, Tensor) and a.dtype == torch.bool:
+        a = a.to(b.dtype) if isinstance(b, Tensor) else a.float()
+    if isinstance(b, Tensor) and b.dtype == torch.bool:
+        b = b.to(a.dtype) if isinstance(a, Tensor) else b.float()
+    return a * b
+
+
+def _plus(a, b, like: Tensor):
+    return _numeric(a, like) + _numeric(b, like)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data movement of noises: moves and layouts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Move:
+    """One data-movement op, as it applies to a tensor laid out like the value (``tail=1``) or, when the op leaves
+    the last dimension alone (``rows_only``), to a tensor whose last ``tail`` dims replace the value's last one
+    (a root of another width, a per-row matrix)."""
+
+    kind: str  # reshape | permute | expand | slice | select | pad | embedding
+    args: tuple
+    rows_only: bool
+    key: str
+
+    def apply(self, t: Tensor, tail: int = 1) -> Tensor:
+        if tail != 1 and not self.rows_only:
+            raise ValueError("a move of the last dimension applies to value-shaped tensors only")
+        trailing = tuple(t.shape[t.dim() - tail:])
+        if self.kind == "identity":
+            return t
+        if self.kind == "reshape":
+            _, shape = self.args
+            return t.reshape(*shape[:-1], *trailing) if self.rows_only else t.reshape(shape)
+        if self.kind == "permute":
+            (dims,) = self.args
+            n = len(dims)
+            return t.permute(*dims[:-1], *range(n - 1, n - 1 + tail)) if self.rows_only else t.permute(dims)
+        if self.kind == "expand":
+            (shape,) = self.args
+            if t.dim() - tail + 1 < len(shape):  # broadcast of a tensor with fewer leading dims
+                t = t.reshape(*([1] * (len(shape) - (t.dim() - tail + 1))), *t.shape)
+            return t.expand(*shape[:-1], *trailing) if self.rows_only else t.expand(shape)
+        if self.kind == "slice":
+            dim, start, end, step, _ = self.args
+            return aten.slice.Tensor(t, dim, start, end, step)
+        if self.kind == "select":
+            dim, index = self.args
+            return aten.select.int(t, dim, index)
+        if self.kind == "pad":
+            dim, before, after, _ = self.args
+            return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [before, after])
+        if self.kind == "embedding":
+            (indices,) = self.args
+            flat = t.reshape(t.shape[0], -1)
+            return F.embedding(indices, flat).reshape(*indices.shape, *t.shape[1:])
+        raise AssertionError(self.kind)
+
+
+def _shape_key(shape) -> str:
+    return "(" + ",".join(str(s) for s in shape) + ")"
+
+
+def reshape_move(shape_in, shape_out) -> Move:
+    rows_only = len(shape_in) > 0 and len(shape_out) > 0 and same_shape(shape_in[-1:], shape_out[-1:])
+    key_in, key_out = (shape_in[:-1], shape_out[:-1]) if rows_only else (shape_in, shape_out)
+    return Move("reshape", (tuple(shape_in), tuple(shape_out)), rows_only,
+                f"reshape{_shape_key(key_in)}->{_shape_key(key_out)}")
+
+
+def permute_move(dims: Sequence[int]) -> Move:
+    n = len(dims)
+    dims = tuple(d % n for d in dims)
+    return Move("permute", (dims,), dims[-1] == n - 1, f"permute{dims}")
+
+
+def expand_move(shape_in, shape_out) -> Move:
+    lead = len(shape_out) - len(shape_in)
+    if lead >= 0 and all(statically_known_true(d == 1) for d in shape_out[:lead]) and same_shape(
+            shape_in, shape_out[lead:]):  # only new leading dims of size 1: a reshape
+        return reshape_move(shape_in, shape_out)
+    rows_only = len(shape_in) > 0 and same_shape(shape_in[-1:], shape_out[-1:])
+    key_in, key_out = (shape_in[:-1], shape_out[:-1]) if rows_only else (shape_in, shape_out)
+    return Move("expand", (tuple(shape_out),), rows_only, f"expand{_shape_key(key_in)}->{_shape_key(key_out)}")
+
+
+def slice_move(ndim: int, dim: int, start, end, step, size) -> Move:
+    """``size``: the size of ``dim`` before the slice (a slice of everything is the identity)."""
+    dim = dim % ndim
+    if start in (None, 0) and step == 1 and (end is None or (isinstance(end, int) and isinstance(size, int)
+                                                              and end >= size)):
+        return IDENTITY
+    return Move("slice", (dim, start, end, step, size), dim != ndim - 1, f"slice{dim},{start},{end},{step}")
+
+
+def select_move(ndim: int, dim: int, index) -> Move:
+    dim = dim % ndim
+    return Move("select", (dim, index), dim != ndim - 1, f"select{dim},{index}")
+
+
+def pad_move(ndim: int, dim: int, before, after, size) -> Move:
+    """``size``: the size of ``dim`` before padding."""
+    dim = dim % ndim
+    return Move("pad", (dim, before, after, size), dim != ndim - 1, f"pad{dim},{before},{after}")
+
+
+def embedding_move(indices: Tensor) -> Move:
+    return Move("embedding", (indices,), True, f"embedding{id(indices)}")
+
+
+def _composed(first: Move, second: Move) -> Move | None:
+    """``second`` after ``first`` as one move (None: keep both); an identity gives a move of kind "identity"."""
+    if first.kind == second.kind == "reshape" and first.rows_only and second.rows_only:
+        rows_in, rows_out, last = first.args[0][:-1], second.args[1][:-1], first.args[0][-1:]
+        if same_shape(rows_in, rows_out):
+            return IDENTITY
+        return reshape_move((*rows_in, *last), (*rows_out, *last))
+    if first.kind == second.kind == "reshape" and not first.rows_only and not second.rows_only:
+        shape_in, shape_out = first.args[0], second.args[1]
+        if same_shape(shape_in, shape_out):
+            return IDENTITY
+        composed = reshape_move(shape_in, shape_out)
+        return None if composed.rows_only else composed
+    if first.kind == second.kind == "permute" and len(first.args[0]) == len(second.args[0]):
+        dims = tuple(first.args[0][d] for d in second.args[0])
+        return IDENTITY if dims == tuple(range(len(dims))) else permute_move(dims)
+    return None
+
+
+IDENTITY = Move("identity", (), True, "identity")
+
+
+_KEEP = object()
+
+
+def _retargeted(move: Move, dim: int) -> Move:
+    """The same select/slice on another dim (of a tensor of the same rank)."""
+    if move.kind == "select":
+        return Move("select", (dim, move.args[1]), move.rows_only, f"select{dim},{move.args[1]}")
+    _, start, end, step, size = move.args
+    return Move("slice", (dim, start, end, step, size), move.rows_only, f"slice{dim},{start},{end},{step}")
+
+
+def _through_pad(pad: Move, move: Move):
+    """A select or slice of a padded dim: on the unpadded tensor, None if it only picks padding, ``_KEEP`` when
+    the sizes are not static."""
+    dim, before, after, size = pad.args
+    if not all(isinstance(v, int) for v in (before, after, size)):
+        return _KEEP
+    total = before + size + after
+    if move.kind == "select":
+        index = move.args[1] % total if isinstance(move.args[1], int) else None
+        if index is None:
+            return _KEEP
+        if not before <= index < before + size:
+            return None
+        return Move("select", (dim, index - before), move.rows_only, f"select{dim},{index - before}")
+    _, start, end, step, _ = move.args
+    if not (isinstance(start, int) and isinstance(end, int) and step == 1):
+        return _KEEP
+    start, end = max(0, start if start >= 0 else start + total), min(total, end if end >= 0 else end + total)
+    lo, hi = max(start, before), min(end, before + size)
+    if lo >= hi:
+        return None
+    if lo == start and hi == end:
+        if lo == before and hi == before + size:
+            return IDENTITY
+        return Move("slice", (dim, lo - before, hi - before, 1, size), move.rows_only,
+                    f"slice{dim},{lo - before},{hi - before},1")
+    return _KEEP
+
+
+def _cuts_last(move: Move) -> bool:
+    """A slice or pad of the last dimension (it becomes a selection matrix when a matrix map is formed)."""
+    return move.kind in ("slice", "pad") and not move.rows_only
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A sequence of moves, each with the ``tail`` it applies with; consecutive reshapes and permutes are
+    composed and identities dropped, so two routes to the same layout compare equal (``key``)."""
+
+    moves: tuple[tuple[Move, int], ...] = ()
+
+    def then(self, move: Move, tail: int = 1) -> "Layout | None":
+        """This layout followed by ``move``; None when the moved map is exactly zero (a selection of padding)."""
+        if move is IDENTITY:
+            return self
+        moves = list(self.moves)
+        if moves and moves[-1][1] == tail and move.kind in ("select", "slice"):
+            last = moves[-1][0]
+            if last.kind == "permute" and not (last.rows_only ^ move.rows_only):
+                # select/slice after a permute: on the permuted dim first, then the permute (zeros found sooner)
+                dims = last.args[0]
+                inner = _retargeted(move, dims[move.args[0]])
+                prefix = Layout(tuple(moves[:-1])).then(inner, tail)
+                if prefix is None:
+                    return None
+                if move.kind == "slice":
+                    return prefix.then(last, tail)
+                kept = [d for d in dims if d != dims[move.args[0]]]
+                order = [sorted(kept).index(d) for d in kept]
+                return prefix if order == sorted(order) else prefix.then(permute_move(order), tail)
+            if last.kind == "pad" and last.args[0] == move.args[0]:
+                resolved = _through_pad(last, move)
+                if resolved is not _KEEP:
+                    if resolved is None:
+                        return None
+                    return Layout(tuple(moves[:-1])).then(resolved, tail) if resolved is not IDENTITY else Layout(
+                        tuple(moves[:-1]))
+        cuts: list[tuple[Move, int]] = []
+        if move.rows_only:  # a move of the rows commutes with slices and pads of the last dim: keep those last
+            while moves and _cuts_last(moves[-1][0]) and moves[-1][1] == tail:
+                cuts.insert(0, moves.pop())
+        if moves and moves[-1][1] == tail and (composed := _composed(moves[-1][0], move)) is not None:
+            moves.pop()
+            if composed is not IDENTITY:
+                moves.append((composed, tail))
+        else:
+            moves.append((move, tail))
+        return Layout(tuple(moves + cuts))
+
+    def apply(self, t: Tensor) -> Tensor:
+        for move, tail in self.moves:
+            t = move.apply(t, tail)
+        return t
+
+    @property
+    def key(self) -> tuple:
+        return tuple((m.key, tail) for m, tail in self.moves)
+
+    @property
+    def rows_only(self) -> bool:
+        return all(m.rows_only for m, _ in self.moves)
+
+    def __bool__(self) -> bool:
+        return bool(self.moves)
+
+
+NO_MOVES = Layout()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Noises
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Noise:
+    """A zero-mean Gaussian source with independent entries of variance ``variance``; its identity is the object.
+
+    ``group`` is the noise it is correlated with (itself, or the weight a :class:`WeightUse` draws on);
+    ``cross_variance(other)`` is the elementwise covariance with another noise of the group laid out alike."""
+
+    def __init__(self, variance: Tensor):
+        self._variance = variance
+
+    @property
+    def variance(self) -> Tensor:
+        return self._variance
+
+    @property
+    def group(self) -> "Noise":
+        return self
+
+    def cross_variance(self, other: "Noise") -> Tensor | None:
+        return self.variance if other is self else None
+
+    row_covariance: Tensor | None = None  # a dense covariance over the last dim per row (RowCovarianceNoise)
+
+
+class RowCovarianceNoise(Noise):
+    """A noise with a dense covariance ``cov`` (..., R, R) over its last dimension, rows independent: a covariance
+    formed where a map could not be kept (attention in full mode)."""
+
+    def __init__(self, cov: Tensor):
+        super().__init__(torch.diagonal(cov, dim1=-2, dim2=-1))
+        self.row_covariance = cov
+
+
+class WeightUse(Noise):
+    """``u = a @ dW``: the noise ``dW`` (k, m) of a random weight (variance ``weight_var``, laid out (k, m) by
+    ``weight_key``) applied to the rows ``a`` (..., k).  Per row ``Var u = a^2 @ S``; two uses of the same weight
+    (a recurrent cell's steps, a tied weight) are correlated: ``Cov(u, u') = (a a') @ S`` entrywise."""
+
+    def __init__(self, source: Noise, inputs: Tensor, weight_var: Tensor, weight_key: tuple):
+        self.source, self.inputs, self.weight_var, self.weight_key = source, inputs, weight_var, weight_key
+        self._cached: Tensor | None = None
+
+    @property
+    def variance(self) -> Tensor:
+        if self._cached is None:
+            self._cached = (self.inputs * self.inputs) @ self.weight_var
+        return self._cached
+
+    @property
+    def group(self) -> Noise:
+        return self.source
+
+    def cross_variance(self, other: Noise) -> Tensor | None:
+        if other is self:
+            return self.variance
+        if isinstance(other, WeightUse) and other.source is self.source and other.weight_key == self.weight_key:
+            return (self.inputs * other.inputs) @ self.weight_var
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Matrix maps
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class MatrixTangent:
+    """A Jacobian kept as its factors, ``J = diag(d_k) F_k diag(d_(k-1)) ... F_1 diag(d_0)``: ``matrices`` are
+    ``F_1 .. F_k`` (innermost first, each ``(..., C_i, C_(i-1))``, leading dims absent for one matrix shared by
+    every row) and ``diagonals`` are ``d_0 .. d_k`` (elementwise derivatives, None for 1).
+
+    Layers only append factors; the product is formed once, when a covariance is formed, and from its smaller
+    end: a network's output ``W_3 diag(r_2) W_2 diag(r_1)`` on a hidden root becomes ``(points, outputs, width)``
+    products instead of a ``(points, width, width)`` Jacobian per layer."""
+
+    matrices: tuple[Tensor, ...]
+    diagonals: tuple[Tensor | float | None, ...]
+
+    @staticmethod
+    def of(j: Tensor, cols=None) -> "MatrixTangent":
+        """``j diag(cols)``."""
+        return MatrixTangent((j,), (None if isinstance(cols, float) and cols == 1.0 else cols, None))
+
+    @property
+    def root_size(self) -> int:
+        return self.matrices[0].shape[-1]
+
+    @property
+    def out_size(self) -> int:
+        return self.matrices[-1].shape[-2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrices[0].dtype
+
+    @property
+    def is_shared_matrix(self) -> bool:
+        """One matrix for every row and nothing pending."""
+        return all(m.dim() == 2 for m in self.matrices) and all(d is None for d in self.diagonals)
+
+    def then(self, left: Tensor) -> "MatrixTangent":
+        """``left @ J``."""
+        return MatrixTangent(self.matrices + (left,), self.diagonals + (None,))
+
+    def scaled(self, derivative) -> "MatrixTangent":
+        """``diag(derivative) J``."""
+        if isinstance(derivative, float) and derivative == 1.0:
+            return self
+        *inner, rows = self.diagonals
+        derivative = _numeric(derivative, self.matrices[-1])
+        return MatrixTangent(self.matrices, (*inner, derivative if rows is None else rows * derivative))
+
+    def without_cols(self) -> tuple["MatrixTangent", Tensor | None]:
+        """``(J diag(d_0)^-1, d_0)``: the product without its innermost diagonal, and that diagonal."""
+        cols = self.diagonals[0]
+        if cols is None:
+            return self, None
+        return MatrixTangent(self.matrices, (None, *self.diagonals[1:])), _numeric(cols, self.matrices[0])
+
+    def dense(self) -> Tensor:
+        """The product, formed from the output end when it is the smaller one (else from the root end)."""
+        matrices = self.matrices
+        diagonals = tuple(_numeric(d, matrices[0]) if d is not None else None for d in self.diagonals)
+        if len(matrices) > 1 and statically_known_true(matrices[-1].shape[-2] < matrices[0].shape[-1]):
+            j = matrices[-1]
+            for d, m in zip(reversed(diagonals[1:-1]), reversed(matrices[:-1])):
+                j = (j if d is None else j * _col(d)) @ m
+            if diagonals[0] is not None:
+                j = j * _col(diagonals[0])
+        else:
+            j = matrices[0] if diagonals[0] is None else matrices[0] * _col(diagonals[0])
+            for d, m in zip(diagonals[1:-1], matrices[1:]):
+                j = m @ (j if d is None else _row(d) * j)
+        return j if diagonals[-1] is None else _row(diagonals[-1]) * j
+
+
+def _col(d):
+    return d.unsqueeze(-2) if isinstance(d, Tensor) else d
+
+
+def _row(d):
+    return d.unsqueeze(-1) if isinstance(d, Tensor) else d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Terms
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Term:
+    """``scale * after(J layout(noise))``; ``J`` None is the identity (then ``after`` is empty: every move is in
+    ``layout``).  ``shared``: a projection's row-shared weight noise (``shared_weight.py``), for attention."""
+
+    noise: Noise
+    layout: Layout = NO_MOVES
+    jacobian: MatrixTangent | None = None
+    after: Layout = NO_MOVES
+    scale: Tensor | float = 1.0
+    shared: "SharedNoise | None" = None
+
+    @property
+    def merge_key(self) -> tuple:
+        """Terms with equal keys are one map of one noise and add."""
+        return (id(self.noise), self.layout.key, self.jacobian is not None, self.after.key)
+
+
+def _moved_rows(layout: Layout, cov: Tensor) -> Tensor:
+    for move, tail in layout.moves:
+        cov = move.apply(cov, tail + 1)
+    return cov
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The random value
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Moment:
+    """A random tensor: ``mean`` plus the sum of its ``terms``."""
+
+    mean: Tensor
+    terms: tuple[Term, ...]
+
+    # -- construction -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def of_noise(mean: Tensor, noise: Noise, layout: Layout = NO_MOVES, jacobian: MatrixTangent | None = None,
+                 shared: "SharedNoise | None" = None) -> "Moment":
+        return Moment(mean, (Term(noise, layout, jacobian, shared=shared),))
+
+    @staticmethod
+    def diagonal(mean: Tensor, variance: Tensor, shared: "SharedNoise | None" = None) -> "Moment":
+        """A fresh noise with elementwise variance ``variance`` (broadcast to the mean's shape)."""
+        return Moment.of_noise(mean, Noise(broadcast_to(variance, mean.shape)), shared=shared)
+
+    @staticmethod
+    def with_covariance(mean: Tensor, cov: Tensor) -> "Moment":
+        """A fresh noise with the covariance ``cov`` (mean.shape + (C,)) over the last dimension."""
+        return Moment.of_noise(mean, RowCovarianceNoise(broadcast_to(cov, (*mean.shape, mean.shape[-1]))))
+
+    @property
+    def feature_size(self) -> int:
+        return self.mean.shape[-1] if self.mean.dim() else 1
+
+    # -- the JVP of each family -----------------------------------------------------------------------------------
+
+    def scaled(self, mean: Tensor, derivative) -> "Moment":
+        """``f(x)`` for an elementwise ``f`` with derivative ``derivative`` (broadcastable to the mean)."""
+        if isinstance(derivative, float) and derivative == 0.0:
+            return mean
+        return Moment(mean, tuple(replace(t, scale=_times(t.scale, derivative), shared=None if not
+                                          (isinstance(derivative, float) and derivative == 1.0) else t.shared)
+                                  for t in self.terms))
+
+    def with_mean(self, mean: Tensor) -> "Moment":
+        return Moment(mean, self.terms)
+
+    def moved(self, mean: Tensor, move: Move, scale_op=None, shared_move=None) -> "Moment":
+        """Data movement: every map is moved, no noise is touched.  ``scale_op`` applies the op to a tensor shaped
+        like the input mean (default ``move.apply``); ``shared_move`` moves a projection's shared noise."""
+        if move is IDENTITY:
+            return self.with_mean(mean)
+        scale_op = scale_op or move.apply
+        terms = []
+        for t in self.terms:
+            if t.noise.row_covariance is not None and not move.rows_only:  # a dense root keeps only its variances
+                t = Term(Noise(_term_variance(t)))
+            scale = t.scale
+            if isinstance(scale, Tensor):
+                scale = scale_op(broadcast_to(scale, self.mean.shape))
+            shared = shared_move(t.shared) if (shared_move is not None and t.shared is not None) else None
+            if t.jacobian is None:
+                layout = t.layout.then(move)
+                if layout is not None:
+                    terms.append(Term(t.noise, layout, None, NO_MOVES, scale, shared))
+            else:
+                after = t.after.then(move)
+                if after is not None:
+                    terms.append(Term(t.noise, t.layout, t.jacobian, after, scale, shared))
+        return Moment(mean, tuple(terms)) if terms else mean
+
+    def broadcast_to(self, shape) -> "Moment":
+        """The value broadcast to ``shape`` (an operand of a broadcasting op): an expand move."""
+        if same_shape(self.mean.shape, shape):
+            return self
+        mean = self.mean.expand(shape) if self.mean.dim() == len(shape) else self.mean.reshape(
+            *([1] * (len(shape) - self.mean.dim())), *self.mean.shape).expand(shape)
+        return self.moved(mean, expand_move(self.mean.shape, shape))
+
+    def left_multiplied(self, mean: Tensor, left: Tensor) -> "Moment":
+        """``left @ x`` over the last dimension, ``left`` (..., C_out, C) deterministic: ``J <- left diag(s) J``."""
+        terms = []
+        for t in self.terms:
+            t = settled(t, self.mean)
+            if t is None:
+                continue
+            if t.jacobian is None:
+                layout, selections = _canonical_root(t, left)
+                scale = None if isinstance(t.scale, float) and t.scale == 1.0 else t.scale
+                jacobian = MatrixTangent(selections + (left,), (None,) * len(selections) + (scale, None))
+                t = replace(t, layout=layout)
+            else:
+                jacobian = t.jacobian.scaled(t.scale).then(left)
+            terms.append(Term(t.noise, t.layout, jacobian))
+        return merged(mean, terms, densify=True)
+
+    def plus(self, *terms: Term) -> "Moment":
+        return Moment(self.mean, self.terms + tuple(terms))
+
+    # -- policy ---------------------------------------------------------------------------------------------------
+
+    @property
+    def has_matrix_maps(self) -> bool:
+        return any(t.jacobian is not None for t in self.terms)
+
+    def collapsed_matrix_maps(self) -> "Moment":
+        """The matrix-mapped terms replaced by one fresh diagonal noise with their exact marginal variance; the
+        elementwise terms kept (``covariance="diag"``)."""
+        matrix = [t for t in self.terms if t.jacobian is not None]
+        if not matrix:
+            return self
+        rest = tuple(t for t in self.terms if t.jacobian is None)
+        fresh = Term(Noise(broadcast_to(_variance(self.mean, matrix), self.mean.shape).contiguous()))
+        return Moment(self.mean, rest + (fresh,))
+
+    def collapsed(self, shared: "SharedNoise | None" = None) -> "Moment":
+        """One fresh diagonal noise with this value's variance."""
+        return Moment.diagonal(self.mean, self.variance(), shared=shared)
+
+    # -- moments --------------------------------------------------------------------------------------------------
+
+    def variance(self) -> Tensor:
+        """Elementwise variance, shaped like ``mean``."""
+        return broadcast_to(_variance(self.mean, self.terms), self.mean.shape)
+
+    def covariance(self) -> Tensor:
+        """Covariance over the last dimension, ``mean.shape + (C,)``."""
+        return broadcast_to(_covariance(self.mean, self.terms), (*self.mean.shape, self.feature_size))
+
+
 def is_random(value: object) -> bool:
     return isinstance(value, Moment)
 
@@ -311,76 +645,277 @@ def mean_of(value: object) -> object:
     return value.mean if isinstance(value, Moment) else value
 
 
-def jacobian(m: Moment) -> Tensor | float:
-    return 1.0 if m.tangent is None else m.tangent
+def merged(mean: Tensor, terms: Iterable[Term], densify: bool = False) -> Moment | Tensor:
+    """A value from terms: terms of one noise with the same layout and map add (their scales add); with
+    ``densify``, different matrix maps of one noise and root add as dense matrices too (done where a matrix map
+    is extended anyway, so that a recurrent cell's terms do not multiply)."""
+    groups: dict[tuple, list[Term]] = {}
+    for t in terms:
+        key = t.merge_key if densify else (*t.merge_key, id(t.jacobian))
+        groups.setdefault(key, []).append(t)
+    out: list[Term] = []
+    for group in groups.values():
+        out.extend(group if len(group) == 1 else _merge(group, mean))
+    if not out:
+        return mean
+    return Moment(mean, tuple(out))
 
 
-def chain(derivative: Tensor | float, tangent: Tangent) -> Tangent:
-    """``derivative * tangent`` (an elementwise derivative scales the rows of a matrix tangent), skipping
-    multiplications by exactly 1 so the graph stays small."""
-    if isinstance(derivative, float) and derivative == 1.0:
-        return tangent
-    if isinstance(tangent, MatrixTangent):
-        return tangent.scaled(derivative)
-    if isinstance(tangent, float) and tangent == 1.0:
-        return derivative
-    return derivative * tangent
+def _merge(group: list[Term], mean: Tensor) -> list[Term]:
+    """One term for maps of one noise through one layout: scales add where the map is shared, dense matrices add
+    otherwise (terms that settle differently stay apart; their cross-covariance is formed later)."""
+    first = group[0]
+    if first.jacobian is None or all(t.jacobian is first.jacobian for t in group):
+        scale = first.scale
+        for t in group[1:]:
+            scale = _plus(scale, t.scale, mean)
+        return [Term(first.noise, first.layout, first.jacobian, first.after, scale)]
+    settled_terms = [s for s in (settled(t, mean) for t in group) if s is not None]
+    if not settled_terms:
+        return []
+    if any(s.jacobian is None or s.noise is not first.noise or s.layout.key != settled_terms[0].layout.key
+           for s in settled_terms):
+        return settled_terms
+    j = None
+    for s in settled_terms:
+        dense = s.jacobian.dense()
+        dense = dense if isinstance(s.scale, float) and s.scale == 1.0 else _row(_numeric(s.scale, mean)) * dense
+        j = dense if j is None else j + dense
+    return [Term(first.noise, settled_terms[0].layout, MatrixTangent.of(j))]
 
 
-def add_tangents(a: Tangent, b: Tangent) -> Tangent:
-    """The tangent of a sum of two values of one root; an elementwise tangent next to a matrix one is a diagonal
-    matrix."""
-    if not isinstance(a, MatrixTangent) and not isinstance(b, MatrixTangent):
-        return a + b
-    like = a if isinstance(a, MatrixTangent) else b
-    return MatrixTangent.of(_as_dense(a, like) + _as_dense(b, like))
+def combine(mean: Tensor, terms: Sequence[tuple[object, object]]) -> Moment | Tensor:
+    """``sum_i d_i * x_i`` linearised: each random ``x_i``'s maps scaled by its partial derivative ``d_i``."""
+    out: list[Term] = []
+    for derivative, x in terms:
+        if is_random(x):
+            x = x.broadcast_to(mean.shape)
+            scaled = x.scaled(mean, derivative)
+            if is_random(scaled):
+                out.extend(scaled.terms)
+    return merged(mean, out)
 
 
-def _as_dense(tangent: Tangent, like: MatrixTangent) -> Tensor:
-    if isinstance(tangent, MatrixTangent):
-        return tangent.dense()
-    eye = torch.eye(like.root_size, dtype=like.dtype, device=like.matrices[0].device)
-    return tangent.unsqueeze(-1) * eye if isinstance(tangent, Tensor) else tangent * eye
+# ---------------------------------------------------------------------------------------------------------------
+# Settling a matrix map, and forming (co)variances
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def matrix_jacobian(m: Moment, left: Tensor) -> MatrixTangent:
-    """The tangent of ``left @ x`` (``left``: (..., C_out, C)) for a moment ``x`` with any tangent."""
-    tangent = m.tangent
-    if isinstance(tangent, MatrixTangent):
-        return tangent.then(left)
-    if isinstance(tangent, Tensor):  # J = left diag(t): t stays a pending diagonal next to the root
-        return MatrixTangent.of(left, cols=tangent.to(left.dtype))
-    return MatrixTangent.of(left if tangent is None else tangent * left)
-
-
-def same_root(a: Moment, b: Moment) -> bool:
-    return a.var is b.var and a.full == b.full
-
-
-def promote(*moments: Moment) -> tuple[Moment, ...]:
-    """Materialise moments and bring them to one kind: full if any of them is full."""
-    moments = tuple(m.materialised() for m in moments)
-    if any(m.full for m in moments):
-        return tuple(m.as_full() for m in moments)
-    return moments
-
-
-def linear_combination(mean: Tensor, terms: list[tuple[Tensor | float, Moment]]) -> Moment:
-    """Var of ``sum_i J_i * x_i`` for independent moments ``x_i`` (each term is ``(J_i, x_i)``).
-
-    diag: ``sum_i J_i^2 v_i``;  full: ``sum_i (J_i J_i^T) * Sigma_i``.
-    """
-    moments = promote(*(m for _, m in terms))
-    full = moments[0].full
-    total = None
-    for (jac, _), m in zip(terms, moments):
-        if isinstance(jac, float) and jac == 1.0:
-            part = m.var
-        elif full and isinstance(jac, Tensor):
-            jac_b = torch.broadcast_to(jac, mean.shape)
-            part = (jac_b.unsqueeze(-1) * m.var) * jac_b.unsqueeze(-2)
+def settled(t: Term, mean: Tensor | None = None) -> Term | None:
+    """The term with its moves after ``J`` pushed into ``J`` and the root (rows moved, last-dim slices and pads as
+    selection matrices).  A move of the last dimension into another axis cannot be pushed: the part of the term
+    before it is collapsed into a fresh diagonal noise (its exact marginal variance, independent of the rest)."""
+    if t.jacobian is None or not t.after:
+        return t
+    jacobian, layout = t.jacobian, t.layout
+    for i, (move, tail) in enumerate(t.after.moves):
+        if move.rows_only:
+            if not jacobian.is_shared_matrix:
+                jacobian = MatrixTangent.of(move.apply(_dense_per_row(jacobian, layout, t.noise), tail + 1))
+            layout = layout.then(move, tail)
+            if layout is None:  # the rows it reaches are padding: the term is zero
+                return None
+        elif move.kind in ("slice", "pad"):  # of the last dim: a selection (or embedding) matrix on the left
+            jacobian = jacobian.then(_selection(move, jacobian.matrices[-1]))
         else:
-            part = _squared(jac) * m.var
-        total = part if total is None else total + part
-    shape = (*mean.shape, mean.shape[-1]) if full else mean.shape
-    return Moment(mean, broadcast_to(total, shape), full)
+            variance = _term_variance(Term(t.noise, layout, jacobian))
+            rest = Layout(t.after.moves[i:])
+            return Term(Noise(variance), rest, None, NO_MOVES, t.scale)
+    return Term(t.noise, layout, jacobian, NO_MOVES, t.scale, t.shared)
+
+
+def _selection(move: Move, like: Tensor) -> Tensor:
+    """The matrix of a slice or pad of the last dimension: (size after, size before)."""
+    if move.kind == "slice":
+        _, start, end, step, size = move.args
+        return aten.slice.Tensor(torch.eye(size, dtype=like.dtype, device=like.device), 0, start, end, step)
+    _, before, after, size = move.args
+    return F.pad(torch.eye(size, dtype=like.dtype, device=like.device), [0, 0, before, after])
+
+
+def _canonical_root(t: Term, like: Tensor) -> tuple[Layout, tuple[Tensor, ...]]:
+    """The root layout without its trailing slices and pads of the last dimension, and their selection matrices
+    (innermost first): maps of one noise cut into pieces (a GRU's gates) then share one root and add."""
+    moves = list(t.layout.moves)
+    selections: list[Tensor] = []
+    while moves and _cuts_last(moves[-1][0]):
+        selections.insert(0, _selection(moves.pop()[0], like))
+    return Layout(tuple(moves)), tuple(selections)
+
+
+def _dense_per_row(jacobian: MatrixTangent, layout: Layout, noise: Noise) -> Tensor:
+    """The dense Jacobian expanded to the root's rows (a row move needs every row's matrix)."""
+    j = jacobian.dense()
+    rows = layout.apply(noise.variance).shape[:-1]
+    return j.expand(*rows, *j.shape[-2:]) if j.dim() - 2 < len(rows) else j
+
+
+def _root_of(t: Term) -> tuple[Tensor, Tensor | None]:
+    """(root variance, root covariance or None)."""
+    if t.noise.row_covariance is not None:
+        cov = _moved_rows(t.layout, t.noise.row_covariance)
+        return torch.diagonal(cov, dim1=-2, dim2=-1), cov
+    return t.layout.apply(t.noise.variance), None
+
+
+def _term_variance(t: Term) -> Tensor:
+    """The elementwise variance of one term."""
+    t = settled(t)
+    var, cov = _root_of(t)
+    if t.jacobian is None:
+        if cov is not None and not t.layout.rows_only:  # pragma: no cover - collapsed before such moves
+            raise AssertionError("a dense root moved across its last dimension")
+        return _times(_squared(t.scale), var) if not (isinstance(t.scale, float) and t.scale == 1.0) else var
+    if cov is not None:
+        j = t.jacobian.dense()
+        out = ((j @ cov) * j).sum(-1)
+    else:
+        out = _matrix_variance(t.jacobian, var)
+    return out if isinstance(t.scale, float) and t.scale == 1.0 else _times(_squared(t.scale), out)
+
+
+def _matrix_variance(jacobian: MatrixTangent, var: Tensor) -> Tensor:
+    """``diag(J diag(v) J^T) = (J * J) v``; for ``J = diag(r) M diag(c)`` with one shared ``M``:
+    ``r^2 (M * M) (c^2 v)``, without a per-row matrix."""
+    jacobian, cols = jacobian.without_cols()
+    v = var if cols is None else var * (cols * cols)
+    if len(jacobian.matrices) == 1:
+        (m,), (_, rows) = jacobian.matrices, jacobian.diagonals
+        out = v @ (m * m).mT if m.dim() == 2 else ((m * m) @ v.unsqueeze(-1)).squeeze(-1)
+        return out if rows is None else _times(_squared(rows), out)
+    j = jacobian.dense()
+    return ((j * j) @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def _term_covariance(t: Term, mean: Tensor) -> Tensor:
+    t = settled(t, mean)
+    var, cov = _root_of(t)
+    if t.jacobian is None:
+        if cov is not None:
+            out = cov
+        else:
+            return diagonal_matrix(broadcast_to(_times(_squared(t.scale), var) if isinstance(t.scale, Tensor) else
+                                                (t.scale * t.scale) * var, mean.shape))
+    else:
+        jacobian, cols = t.jacobian.without_cols()
+        j = jacobian.dense()
+        if cov is not None:
+            if cols is not None:
+                cov = cov * cols.unsqueeze(-1) * cols.unsqueeze(-2)
+            out = j @ cov @ j.mT
+        else:
+            v = var if cols is None else var * (cols * cols)
+            out = (j * v.unsqueeze(-2)) @ j.mT
+    if isinstance(t.scale, float):
+        return out if t.scale == 1.0 else (t.scale * t.scale) * out
+    s = _numeric(t.scale, mean)
+    s = broadcast_to(s, mean.shape)
+    return s.unsqueeze(-1) * out * s.unsqueeze(-2)
+
+
+def _cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor | None:
+    """The covariance between two terms of one group (its diagonal unless ``full``), or None where it is not
+    tracked (a dense-covariance root, noises of different shapes, a correlation not modelled)."""
+    if a.noise.row_covariance is not None or b.noise.row_covariance is not None:
+        return None
+    a, b = settled(a, mean), settled(b, mean)
+    c = a.noise.cross_variance(b.noise)
+    if c is None:
+        return None
+    elementwise = a.jacobian is None and b.jacobian is None
+    if a.layout.key == b.layout.key:
+        c = a.layout.apply(c)
+        if elementwise and not full:
+            return _times(_times(_numeric(a.scale, mean), _numeric(b.scale, mean)), c)
+        ja, jb = _dense_with_scale(a, mean), _dense_with_scale(b, mean)
+        return (ja * c.unsqueeze(-2)) @ jb.mT if full else ((ja * c.unsqueeze(-2)) * jb).sum(-1)
+    if isinstance(a.noise, WeightUse):
+        return _weight_use_cross(a, b, mean, full)
+    if not same_shape(a.noise.variance.shape, b.noise.variance.shape):
+        return None
+    # different layouts: entries meet where both layouts pick the same noise entry (moved index tensors)
+    shape = c.shape
+    index = torch.arange(1, c.numel() + 1, device=mean.device).reshape(shape)
+    ia, ib, ca = a.layout.apply(index), b.layout.apply(index), a.layout.apply(c)
+    if elementwise and not full:
+        sa, sb = _numeric(a.scale, mean), _numeric(b.scale, mean)
+        return _times(_times(sa, sb), ca * (ia == ib).to(mean.dtype))
+    meet = (ia.unsqueeze(-1) == ib.unsqueeze(-2)).to(mean.dtype) * ca.unsqueeze(-1)  # (..., R_a, R_b)
+    ja, jb = _dense_with_scale(a, mean), _dense_with_scale(b, mean)
+    cross = ja @ meet @ jb.mT
+    return cross if full else torch.diagonal(cross, dim1=-2, dim2=-1)
+
+
+def _weight_use_cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor:
+    """Two uses of one weight laid out differently (a recurrent cell's time steps): entries ``(r, m)`` and
+    ``(r', m')`` meet where ``m = m'``, with ``Cov = sum_k a_rk b_r'k S_km``; rows and columns are found by moving
+    index tensors with each layout (0 marks padding)."""
+    na, nb = a.noise, b.noise
+
+    def located(t: Term, noise: WeightUse) -> tuple[Tensor, Tensor, Tensor]:
+        rows_shape = noise.inputs.shape[:-1]
+        width = noise.weight_var.shape[-1]
+        shape = (*rows_shape, width)
+        rows = torch.arange(1, noise.inputs[..., 0].numel() + 1, device=mean.device).reshape(*rows_shape, 1)
+        cols = torch.arange(1, width + 1, device=mean.device)
+        r, c = t.layout.apply(rows.expand(shape)), t.layout.apply(cols.expand(shape))
+        gathered = F.embedding((r - 1).clamp_min(0), noise.inputs.reshape(-1, noise.inputs.shape[-1]))
+        return r, c, gathered * (r > 0).unsqueeze(-1).to(mean.dtype)
+
+    ra, ca, xa = located(a, na)
+    rb, cb, xb = located(b, nb)
+    weight = F.embedding((ca - 1).clamp_min(0), na.weight_var.mT)  # S[:, m] per entry
+    if a.jacobian is None and b.jacobian is None and not full:
+        same = ((ca == cb) & (ca > 0)).to(mean.dtype)
+        return _times(_times(_numeric(a.scale, mean), _numeric(b.scale, mean)), (xa * xb * weight).sum(-1) * same)
+    meet = ((ca.unsqueeze(-1) == cb.unsqueeze(-2)) & (ca > 0).unsqueeze(-1)).to(mean.dtype)
+    meet = meet * ((xa * weight) @ xb.mT)  # (..., R_a, R_b)
+    ja, jb = _dense_with_scale(a, mean), _dense_with_scale(b, mean)
+    cross = ja @ meet @ jb.mT
+    return cross if full else torch.diagonal(cross, dim1=-2, dim2=-1)
+
+
+def _dense_with_scale(t: Term, mean: Tensor) -> Tensor:
+    """The term's map per row as a dense matrix (..., C, R)."""
+    if t.jacobian is None:
+        s = broadcast_to(_numeric(t.scale, mean) * torch.ones_like(mean), mean.shape)
+        return diagonal_matrix(s)
+    j = t.jacobian.dense()
+    return j if isinstance(t.scale, float) and t.scale == 1.0 else _row(_numeric(t.scale, mean)) * j
+
+
+def _grouped(terms: Sequence[Term]) -> list[list[Term]]:
+    groups: dict[int, list[Term]] = {}
+    for t in terms:
+        groups.setdefault(id(t.noise.group), []).append(t)
+    return list(groups.values())
+
+
+def _variance(mean: Tensor, terms: Sequence[Term]) -> Tensor:
+    terms = [s for s in (settled(t, mean) for t in terms) if s is not None]
+    total = None
+    for group in _grouped(terms):
+        for i, a in enumerate(group):
+            part = _term_variance(a)
+            total = part if total is None else total + part
+            for b in group[i + 1:]:
+                cross = _cross(a, b, mean, full=False)
+                if cross is not None:
+                    total = total + 2.0 * cross
+    return torch.zeros_like(mean) if total is None else total
+
+
+def _covariance(mean: Tensor, terms: Sequence[Term]) -> Tensor:
+    terms = [s for s in (settled(t, mean) for t in terms) if s is not None]
+    total = None
+    for group in _grouped(terms):
+        for i, a in enumerate(group):
+            part = _term_covariance(a, mean)
+            total = part if total is None else total + part
+            for b in group[i + 1:]:
+                cross = _cross(a, b, mean, full=True)
+                if cross is not None:
+                    total = total + cross + cross.mT
+    if total is None:
+        return mean.new_zeros(*mean.shape, mean.shape[-1])
+    return total

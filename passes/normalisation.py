@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .elementwise import add, mul, sub
-from .moment import Moment, diagonal_matrix, is_random, mean_of
+from .moment import Moment, is_random, mean_of, reshape_move
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -21,11 +21,12 @@ def _per_channel(value, ndim: int):
     """Reshape a (C,) statistic or parameter to broadcast along dim 1 of an ``ndim`` tensor."""
     shape = (-1,) + (1,) * (ndim - 2)
     if is_random(value):
-        return Moment(value.mean.reshape(shape), value.variance().reshape(shape), False)
+        mean = value.mean.reshape(shape)
+        return value.moved(mean, reshape_move(value.mean.shape, mean.shape))
     return value.reshape(shape)
 
 
-@register(aten._native_batch_norm_legit_no_training.default)
+@register(aten._native_batch_norm_legit_no_training.default, whole=True)
 def batch_norm(ctx: RuleContext, x, weight, bias, running_mean, running_var, momentum, eps):
     """Eval-mode batch norm: ``(x - mu) * gamma / sqrt(running_var + eps) + beta`` with fixed statistics."""
     ndim = x.mean.dim() if is_random(x) else x.dim()
@@ -38,7 +39,7 @@ def batch_norm(ctx: RuleContext, x, weight, bias, running_mean, running_var, mom
     return out, empty, empty
 
 
-@register(aten.layer_norm.default, raw=True)
+@register(aten.layer_norm.default, whole=True)
 def layer_norm(ctx: RuleContext, x, normalized_shape, weight=None, bias=None, eps: float = 1e-5, cudnn_enable=True):
     """LayerNorm linearised at the mean input, statistics included: with ``z = (m - mu(m)) / sigma(m)`` over
     the n normalised entries, ``J = (I - 1 1^T / n - z z^T / n) / sigma``, so ``Cov z = J Sigma J^T`` (full)
@@ -52,7 +53,7 @@ def layer_norm(ctx: RuleContext, x, normalized_shape, weight=None, bias=None, ep
     mean = aten.layer_norm.default(x_mean, normalized_shape, mean_of(weight), mean_of(bias), eps)
     inv_std = torch.rsqrt(x_mean.var(dim=dims, unbiased=False, keepdim=True) + eps)
     z = (x_mean - x_mean.mean(dim=dims, keepdim=True)) * inv_std
-    out = _normalised_moment(x, z, inv_std, dims, ctx.covariance == "full") if is_random(x) else z
+    out = _normalised_moment(x, z, inv_std, dims, ctx.keeps_maps) if is_random(x) else z
     if weight is not None:
         out = mul(ctx, out, weight)
     if bias is not None:
@@ -60,23 +61,21 @@ def layer_norm(ctx: RuleContext, x, normalized_shape, weight=None, bias=None, ep
     return out.with_mean(mean)
 
 
-def _normalised_moment(x: Moment, z: Tensor, inv_std: Tensor, dims: tuple[int, ...], full: bool) -> Moment:
+def _normalised_moment(x: Moment, z: Tensor, inv_std: Tensor, dims: tuple[int, ...], keeps_maps: bool) -> Moment:
     n = 1
     for d in dims:
         n *= z.shape[d]
-    full = len(dims) == 1 and (full or x.full or x.tracked)
-    if full:  # centring and scaling correlate the entries, even of a diagonal input: J extends the tangent
+    if keeps_maps and len(dims) == 1:  # centring and scaling correlate the entries: J extends every map
         eye = torch.eye(n, dtype=z.dtype, device=z.device)
         jac = (eye - (1.0 + z.unsqueeze(-1) * z.unsqueeze(-2)) / n) * inv_std.unsqueeze(-1)
         return x.left_multiplied(z, jac)
-    x = x.materialised()
-    v = x.variance()
+    v = x.variance()  # the diagonal of J diag(v) J^T in closed form, as one fresh noise
     s0, s1, s2 = (v.sum(dims, keepdim=True), (z * v).sum(dims, keepdim=True), (z * z * v).sum(dims, keepdim=True))
     var = (v * (1.0 - 2.0 * (1.0 + z * z) / n) + (s0 + 2.0 * z * s1 + z * z * s2) / (n * n)) * inv_std * inv_std
-    return Moment(z, diagonal_matrix(var) if x.full else var, x.full)
+    return Moment.diagonal(z, var.clamp_min(0.0))
 
 
-@register(aten.native_layer_norm.default)
+@register(aten.native_layer_norm.default, whole=True)
 def native_layer_norm(ctx: RuleContext, x, normalized_shape, weight, bias, eps: float):
     """``native_layer_norm`` returns (out, mean, rstd); the statistics are those of the mean input."""
     x_mean = x.mean if is_random(x) else x

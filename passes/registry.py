@@ -1,10 +1,18 @@
 """The rule table: one small function per ATen op, looked up by the rewrite driver.
 
 A rule has the signature ``rule(ctx, *args, **kwargs)`` mirroring the op's ATen schema, where every tensor
-argument is either a plain tensor (deterministic) or a :class:`Moment`.  The driver only calls a rule when at
-least one argument is a moment; ops on deterministic values run unchanged.  Rules registered with
-``raw=True`` receive moments as they are (possibly with a pending tangent) and fold or extend the tangent
-themselves; all others receive materialised moments.
+argument is either a plain tensor (deterministic) or a :class:`~momentprop.passes.moment.Moment`.  The driver only
+calls a rule when at least one argument is random, and applies the covariance policy to what the rule returns, so
+rules never test for ``diag`` or ``full``.  Rules come in families, each a constructor in its module:
+
+* ``defzero`` (``elementwise.py``): the output carries no variance (comparisons, rounding, shapes);
+* ``def_structural`` (``data_movement.py``): data movement, the maps move with the mean;
+* ``def_deriv`` (``activations.py``): an elementwise function given by its derivative;
+* ``defbilinear`` (``elementwise.py`` and ``linear.py``): a product, given by its two partial products; the family
+  adds the second-order term under ``predictive="suq"``;
+* composites (``normalisation.py``): written with the other rules.
+
+Registering an op twice is an error.  ``whole=True`` marks a composite that capture must not decompose.
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ Covariance = Literal["diag", "full"]
 class RuleContext:
     """What a rule may need beyond its arguments.
 
-    ``covariance`` is the kind of the node's random outputs where a rule creates one from parameters (a
-    Bayesian linear layer on a deterministic input); rules that transform a moment keep its kind.
+    ``covariance``: ``"full"`` keeps every map (exact linearisation), ``"diag"`` collapses matrix maps into fresh
+    diagonal noises where they are formed (the paper's diagonal variant).  Rules read it only through
+    ``keeps_maps``, where a cheaper closed form of the collapsed variance exists.
     ``attention`` is ``"paper"`` (attention weights from the means) or ``"linearised"`` (see attention.py).
     ``predictive`` is ``"suq"`` (the paper's moment matching) or ``"glm"`` (first order in the weights).
     ``attention_weights``: the node is a softmax whose result weighs values in a matrix product (attention).
@@ -36,25 +45,36 @@ class RuleContext:
     @property
     def first_order(self) -> bool:
         """``predictive="glm"``: keep only terms first order in the weights (the linearised-Laplace predictive),
-        dropping the input-variance x weight-variance terms of the paper's moment matching."""
+        dropping the second-order terms of the paper's moment matching."""
         return self.predictive == "glm"
+
+    @property
+    def keeps_maps(self) -> bool:
+        return self.covariance == "full"
 
 
 @dataclass(frozen=True)
 class Rule:
     fn: Callable
-    raw: bool
+    whole: bool
 
 
 RULES: dict[object, Rule] = {}
 
 
-def register(*ops: object, raw: bool = False) -> Callable[[Callable], Callable]:
-    """Register ``fn`` as the moment rule of ``ops`` (OpOverloads, OpOverloadPackets or Python callables)."""
+class DuplicateRuleError(ValueError):
+    """An op was registered twice."""
+
+
+def register(*ops: object, whole: bool = False) -> Callable[[Callable], Callable]:
+    """Register ``fn`` as the moment rule of ``ops`` (OpOverloads, OpOverloadPackets or Python callables).
+    ``whole``: capture keeps the op whole instead of decomposing it (its rule linearises it as one function)."""
 
     def decorate(fn: Callable) -> Callable:
         for op in ops:
-            RULES[op] = Rule(fn, raw)
+            if op in RULES:
+                raise DuplicateRuleError(f"a moment rule for {op} is already registered ({RULES[op].fn.__qualname__})")
+            RULES[op] = Rule(fn, whole)
         return fn
 
     return decorate
@@ -70,4 +90,4 @@ def lookup(op: object) -> Rule | None:
 
 def kept_whole() -> list[torch._ops.OpOverload]:
     """Ops with a rule that must survive decomposition (composites we linearise as one function)."""
-    return [op for op in RULES if isinstance(op, torch._ops.OpOverload)]
+    return [op for op, rule in RULES.items() if rule.whole and isinstance(op, torch._ops.OpOverload)]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import momentprop as mp
-from conftest import make_mlp, random_posterior
+from oracles import make_mlp, random_posterior
 from momentprop.cli import main
 
 X = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
@@ -97,7 +97,9 @@ def test_errors_exit_1_with_a_message(exported, tmp_path, capsys):
     assert "rows [1]" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_module_entry_point(exported):
-    done = subprocess.run([sys.executable, "-m", "momentprop", "inspect", str(exported)], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "momentprop", "inspect", str(exported)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "outputs:" in done.stdout

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import momentprop as mp
-from conftest import make_mlp, random_posterior
+from oracles import make_mlp, random_posterior
 
 
 def _expected_diag_last_layer(model: nn.Sequential, posterior: dict, x: torch.Tensor) -> torch.Tensor:
@@ -47,14 +47,15 @@ def test_last_layer_posterior_matches_closed_form_and_adds_no_upstream_work(inpu
     model = make_mlp([6, 32, 32, 4])
     post = random_posterior(model, names={"4.weight", "4.bias"})
     cm = mp.compile(model, post, (inputs,))
-    torch.testing.assert_close(cm(inputs)[1].double(), _expected_diag_last_layer(model, post, inputs), rtol=1e-5, atol=1e-9)
+    expected = _expected_diag_last_layer(model, post, inputs)
+    torch.testing.assert_close(cm(inputs)[1].double(), expected, rtol=1e-5, atol=1e-9)
     products = [n for n in cm.graph.nodes if n.op == "call_function" and n.target in (
         torch.ops.aten.linear.default, torch.ops.aten.matmul.default, torch.ops.aten.mm.default)]
     assert len(products) == 3 + 1, "a last-layer posterior costs the plain pass plus one product"
 
 
-def test_no_random_parameters_gives_zero_variance(mlp, inputs):
-    cm = mp.compile(mlp, {}, (inputs,))
+def test_zero_posterior_variance_gives_zero_variance(mlp, inputs):
+    cm = mp.compile(mlp, 0.0, (inputs,))
     mean, var = cm(inputs)
     torch.testing.assert_close(mean, mlp(inputs))
     assert torch.equal(var, torch.zeros_like(mean))
@@ -88,7 +89,9 @@ def test_classification_head_is_probit(mlp, inputs):
 
 @pytest.mark.parametrize("covariance", ["diag", "full"])
 def test_regression_head_adds_observation_noise(mlp, inputs, covariance):
-    cm = mp.compile(mlp, random_posterior(mlp), (inputs,), covariance=covariance, likelihood="regression", sigma_noise=0.3)
+    cm = mp.compile(
+        mlp, random_posterior(mlp), (inputs,), covariance=covariance, likelihood="regression", sigma_noise=0.3
+    )
     mean, var = cm(inputs)
     pred_mean, pred_var = cm.predict(inputs)
     noise = 0.09 * (torch.eye(4) if covariance == "full" else 1.0)

@@ -6,6 +6,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from momentprop.demo import run_demo
 
 
@@ -19,6 +21,7 @@ def test_demo_short_run(tmp_path):
     assert results["max_abs_diff_onnx_vs_torch"] < 1e-4
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_module_help_exits_zero():
     done = subprocess.run([sys.executable, "-m", "momentprop", "demo", "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

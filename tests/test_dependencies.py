@@ -44,4 +44,5 @@ def test_shipped_code_imports_only_declared_dependencies():
     for path in files:
         eager, lazy = _imports(path)
         assert eager <= allowed | required, f"{path.name} imports {eager - allowed - required} at module level"
-        assert lazy <= allowed | required | optional, f"{path.name} imports undeclared {lazy - allowed - required - optional}"
+        undeclared = lazy - allowed - required - optional
+        assert lazy <= allowed | required | optional, f"{path.name} imports undeclared {undeclared}"

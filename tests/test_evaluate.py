@@ -16,6 +16,8 @@ import math
 import numpy as np
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.eval]
+
 pytest.importorskip("laplace")
 pytest.importorskip("ivon")
 pytest.importorskip("sklearn")

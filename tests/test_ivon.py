@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import momentprop as mp
-from conftest import make_mlp
+from oracles import make_mlp
 
-import ivon  # noqa: E402
+import ivon
 
 
 def trained(model: nn.Module, ess: float = 5_000.0) -> "ivon.IVON":
@@ -37,6 +37,7 @@ def test_variance_is_read_from_the_optimizer():
     torch.testing.assert_close(cm(x)[1], reference(x)[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
 def test_moments_match_ivon_sampling(activation):
     model = make_mlp([5, 16, 3], activation, seed=2)

@@ -12,9 +12,9 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 import momentprop as mp
-from conftest import make_mlp
+from oracles import make_mlp
 
-import laplace  # noqa: E402  (the test extra installs it; a missing one must fail, not skip)
+import laplace  # the test extra installs it; a missing one must fail, not skip
 
 X = torch.randn(96, 5, generator=torch.Generator().manual_seed(0))
 Y_CLASS = torch.randint(0, 3, (96,), generator=torch.Generator().manual_seed(1))
@@ -38,7 +38,9 @@ def glm_latent(la, x):
 @pytest.mark.parametrize("covariance", ["diag", "full"])
 def test_last_layer_equals_the_glm_predictive(structure, covariance):
     model = make_mlp([5, 16, 3], nn.Tanh)
-    la = fitted(model, subset_of_weights="last_layer", hessian_structure=structure, prior_precision=0.5, temperature=0.7)
+    la = fitted(
+        model, subset_of_weights="last_layer", hessian_structure=structure, prior_precision=0.5, temperature=0.7
+    )
     cm = mp.compile(model, la, (X_TEST,), covariance=covariance, output_covariance=True)
     mean, cov = cm(X_TEST)
     glm_mean, glm_cov = glm_latent(la, X_TEST)
@@ -80,7 +82,8 @@ def laplace_monte_carlo(model, la, x, n_samples=20_000):
         params[name] = samples[:, offset: offset + size].reshape(-1, *shape)
         offset += size
     outputs = torch.func.vmap(lambda ps: functional_call(model, ps, (x,)))(params)
-    return outputs.mean(0), torch.einsum("s...i,s...j->...ij", outputs - outputs.mean(0), outputs - outputs.mean(0)) / (n_samples - 1)
+    centred = outputs - outputs.mean(0)
+    return outputs.mean(0), torch.einsum("s...i,s...j->...ij", centred, centred) / (n_samples - 1)
 
 
 @pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
@@ -106,7 +109,8 @@ def test_full_posterior_keeps_per_layer_blocks():
     layer_of = torch.repeat_interleave(torch.tensor([0, 0, 1, 1]), torch.tensor(sizes))
     block_diagonal = cov_full * (layer_of[:, None] == layer_of[None, :])
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(20_000, len(layer_of), generator=g, dtype=torch.float64) @ torch.linalg.cholesky(block_diagonal).T
+    noise = torch.randn(20_000, len(layer_of), generator=g, dtype=torch.float64)
+    noise = noise @ torch.linalg.cholesky(block_diagonal).T
     samples = la.mean.detach().double() + noise
     reference = copy.deepcopy(model).double()
     params, offset = {}, 0

@@ -66,11 +66,18 @@ def sampled_covariance(model: nn.Module, x: torch.Tensor, n_calls: int = N_CALLS
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
-    """(model, inputs, Monte Carlo covariance) per layer type; the sampling runs once per module."""
+    """(model, inputs) per layer type."""
     layer, activation = CASES[request.param]
     model = BayesMLP(layer, activation)
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
-    return model, x, sampled_covariance(model, x)
+    return model, x
+
+
+@pytest.fixture(scope="module")
+def sampled(case):
+    """The Monte Carlo covariance of ``case``'s outputs; the sampling runs once per layer type."""
+    model, x = case
+    return sampled_covariance(model, x)
 
 
 def test_posterior_is_read_from_the_layers():
@@ -85,7 +92,7 @@ def test_posterior_is_read_from_the_layers():
 
 
 def test_compiled_mean_is_the_mu_network(case):
-    model, x, _ = case
+    model, x = case
     cm = mp.compile(model, example_inputs=(x,))
     assert sorted(cm.info.random_parameters) == ["fc1.mu_bias", "fc1.mu_weight", "fc2.mu_bias", "fc2.mu_weight"]
     x_other = torch.randn(7, 5)  # another batch size: the batch stays dynamic
@@ -93,9 +100,11 @@ def test_compiled_mean_is_the_mu_network(case):
         torch.testing.assert_close(cm(inputs)[0], mu_reference(model)(inputs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("covariance", ["full", "diag"])
-def test_variance_matches_bayesian_torch_sampling(case, covariance):
-    model, x, mc = case
+def test_variance_matches_bayesian_torch_sampling(case, sampled, covariance):
+    model, x = case
+    mc = sampled
     _, var = mp.compile(model, example_inputs=(x,), covariance=covariance)(x)
     mc_var = torch.diagonal(mc, dim1=-2, dim2=-1)
     if covariance == "full":

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import momentprop as mp
-from conftest import make_mlp, random_posterior
+from oracles import make_mlp, random_posterior
 
 
 def _model() -> nn.Module:

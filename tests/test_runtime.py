@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import momentprop as mp
-from conftest import TokenEmbedding, make_mlp, random_posterior
+from oracles import TokenEmbedding, make_mlp, random_posterior
 from momentprop.errors import ProviderError
 from momentprop.runtime import OnnxRunner, predict_onnx
 
@@ -111,7 +111,8 @@ def test_integer_inputs_refuse_floats(tmp_path):
     cm = mp.compile(model, 1e-3, (torch.randint(0, 10, (3, 5)),))
     runner = OnnxRunner(cm.to_onnx(tmp_path / "tokens.onnx"))
     ids = np.random.default_rng(1).integers(0, 10, (4, 7))
-    np.testing.assert_allclose(runner(ids.astype(np.int32))["variance"], cm(torch.from_numpy(ids))[1].numpy(), rtol=1e-6)
+    expected = cm(torch.from_numpy(ids))[1].numpy()
+    np.testing.assert_allclose(runner(ids.astype(np.int32))["variance"], expected, rtol=1e-6)
     with pytest.raises(mp.InputError, match="integer ids"):
         runner(ids.astype(np.float32))
 

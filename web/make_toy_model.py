@@ -26,7 +26,9 @@ PRIOR_PRECISION = 10.0
 
 def toy_data(seed: int = 0, n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.cat([torch.empty(n // 2).uniform_(-4, -1.5, generator=g), torch.empty(n // 2).uniform_(1, 3.5, generator=g)])
+    x = torch.cat(
+        [torch.empty(n // 2).uniform_(-4, -1.5, generator=g), torch.empty(n // 2).uniform_(1, 3.5, generator=g)]
+    )
     y = torch.sin(x) + SIGMA_NOISE * torch.randn(n, generator=g)
     return x[:, None], y[:, None]
 

@@ -1,9 +1,10 @@
 """The predictive methods compared on one posterior, and how each is timed and its memory measured.
 
 Every method is a *predictor*: ``predict(x) -> Prediction`` on a batch of inputs.  Classification predictions are
-class probabilities ``(N, C)``, or ``(N, T, C)`` for a sequence model (a prediction per position); regression predictions are ``{"mean", "var"}`` of a Gaussian (observation noise
-included) or, for Monte Carlo, ``{"samples"}`` (the latent function at each weight sample; the predictive is their
-mixture with the observation noise).
+class probabilities ``(N, C)``, or ``(N, T, C)`` for a sequence model (a prediction per position); regression
+predictions are ``{"mean", "var"}`` of a Gaussian (observation noise included) or, for Monte Carlo,
+``{"samples"}`` (the latent function at each weight sample; the predictive is their mixture with the observation
+noise).
 
 Timing and memory (:func:`measure`): the first call on the test set records the peak extra resident memory
 (``VmHWM`` after minus ``VmRSS`` before, high-water mark reset and ``malloc_trim`` just before; Linux only), and

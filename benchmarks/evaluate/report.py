@@ -72,12 +72,14 @@ def markdown(task, records: list[dict], meta: dict) -> str:
              + (f" --task {task.name}" if meta.get("single") else "") + (" --smoke" if meta.get("smoke") else "")
              + "`; do not edit by hand._", "", task.description, ""]
     lines += [
-        f"Run finished {meta['date']}: {meta['seeds']} seed(s) per data set ({', '.join(map(str, meta['seed_list']))}), torch "
+        f"Run finished {meta['date']}: {meta['seeds']} seed(s) per data set "
+        f"({', '.join(map(str, meta['seed_list']))}), torch "
         f"{meta['torch']}, {meta['threads']} thread(s), {meta['cpus']} CPUs, load average {meta['load_start']:.1f} at "
         f"start and {meta['load_end']:.1f} at end; task wall time {meta['wall_s'] / 60:.1f} min.",
         "",
         "Every method runs on the SAME posterior (rows grouped by posterior). Cells are mean ± standard error over "
-        f"seeds. *ms / 1k* is wall time per 1,000 {getattr(task, 'unit', 'test points')} in PyTorch on the same threads (MC includes drawing "
+        f"seeds. *ms / 1k* is wall time per 1,000 {getattr(task, 'unit', 'test points')} in PyTorch on the same "
+        "threads (MC includes drawing "
         "the weights, GLM the Jacobians; compiled: `cm.predict`, excluding the one-off compile); *peak MiB* is the "
         "extra resident memory of the first call on the test set. *latent var err* is the relative error of the "
         "latent (pre-link) variance against Monte Carlo with "
@@ -287,7 +289,9 @@ def plots(task, records: list[dict], out_dir: Path, prefix: str) -> list[Path]:
             ax.set_title(ds)
             ax.set_xticks(range(len(method_list)))
             ax.set_xticklabels([METHOD_LABELS.get(m, m) for m in method_list], rotation=60, ha="right", fontsize=7)
-            finite = [agg[k][metric][0] for k in agg if k[0] == ds and metric in agg[k] and np.isfinite(agg[k][metric][0])]
+            finite = [
+                agg[k][metric][0] for k in agg if k[0] == ds and metric in agg[k] and np.isfinite(agg[k][metric][0])
+            ]
             if finite and metric == "nlpd":
                 lo, hi = min(finite), max(finite)
                 ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))

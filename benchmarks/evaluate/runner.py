@@ -90,7 +90,8 @@ def run_problem(problem: Problem, tick: Callable[[str], None] = lambda _: None) 
     for post in posteriors:
         base = dict(task=problem.task, dataset=problem.dataset, seed=problem.seed, posterior=post.name,
                     n_test=len(s.x_test), n_train=len(s.x_train), n_test_points=test_points, n_outputs=n_out,
-                    n_train_points=len(s.x_train) * positions, reference_samples=problem.reference_samples, prior_precision=post.prior_precision,
+                    n_train_points=len(s.x_train) * positions, reference_samples=problem.reference_samples,
+                    prior_precision=post.prior_precision,
                     sigma_noise=None if post.sigma_noise is None else post.sigma_noise * s.y_scale)
         # the Monte Carlo reference of the latent variance (10,000 samples, on x_ref)
         t0 = time.perf_counter()

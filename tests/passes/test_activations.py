@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (
+from oracles import (
     Gaussian,
     Source,
     assert_moments_close,
@@ -81,13 +81,16 @@ ACTIVATIONS = {
     "softplus_by_hand": lambda: Fn(softplus_by_hand),
     "relu6": nn.ReLU6,
     # several elementwise functions of one tensor, summed: one linearisation (the derivatives add)
-    "sqrt_rsqrt_reciprocal": lambda: Fn(lambda x: torch.sqrt(1 + x * x) + torch.rsqrt(2 + torch.sin(x)) + 1 / (3 + torch.sigmoid(x))),
+    "sqrt_rsqrt_reciprocal": lambda: Fn(
+        lambda x: torch.sqrt(1 + x * x) + torch.rsqrt(2 + torch.sin(x)) + 1 / (3 + torch.sigmoid(x))
+    ),
     "exp_log_trig": lambda: Fn(
         lambda x: torch.log1p(torch.abs(x)) + torch.expm1(-0.1 * x * x) * torch.cos(x) + torch.square(torch.tanh(x))
         + torch.log(torch.exp(0.3 * x) + 1)
     ),
     "masking": lambda: Fn(
-        lambda x: torch.where(x > 0.5, x, 0.0) + x.masked_fill(x < -1.0, 0.0) + torch.clamp(x, min=-1.0) + torch.clamp(x, max=2.0)
+        lambda x: torch.where(x > 0.5, x, 0.0) + x.masked_fill(x < -1.0, 0.0)
+        + torch.clamp(x, min=-1.0) + torch.clamp(x, max=2.0)
     ),
 }
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import momentprop as mp
-from conftest import TokenEmbedding, monte_carlo, random_posterior
+from oracles import TokenEmbedding, monte_carlo, random_posterior
 
 
 class SelfAttention(nn.Module):
@@ -92,6 +92,7 @@ def test_padding_mask_gives_zero_variance_never_nan():
     torch.testing.assert_close(var, paper_reference(model, post, x, mask), rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("covariance", ["diag", "full"])
 def test_value_posterior_within_fifteen_percent_of_monte_carlo(covariance):
     """Values and output projection random: the row-shared value noise keeps the cross-token covariance that

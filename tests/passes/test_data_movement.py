@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import Source, assert_symmetric_psd, compiled_moments, source_posterior
+from oracles import Source, assert_symmetric_psd, compiled_moments, source_posterior
 
 MODES = ["diag", "full"]
 B, R, C = 3, 4, 6  # batch, rows, features (the covariance dim)

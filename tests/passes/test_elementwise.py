@@ -1,6 +1,6 @@
 """passes/elementwise.py: add, sub, mul, div, pow, where, neg, with constants and with random operands.
 
-A random operand comes from ``conftest.Source``: exactly Gaussian, with correlated features, so the full mode
+A random operand comes from ``oracles.Source``: exactly Gaussian, with correlated features, so the full mode
 is exercised on a non-diagonal covariance.  Oracles: the linearisation of the whole function of one random
 operand (derivative by autograd; exact for affine maps), the exact product variance of independent operands,
 and Monte Carlo over the weight posterior.
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (
+from oracles import (
     Gaussian,
     Source,
     assert_moments_close,

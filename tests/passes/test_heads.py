@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import momentprop as mp
-from conftest import Gaussian, make_mlp, random_posterior, ref_sequential
+from oracles import Gaussian, make_mlp, random_posterior, ref_sequential
 
 MODES = ["diag", "full"]
 
@@ -44,7 +44,9 @@ def _probit(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("covariance", MODES)
 def test_classification_probit(setup, covariance, variance_scale):
     model, post, x = setup
-    cm = mp.compile(model, post, (x,), covariance=covariance, likelihood="classification", variance_scale=variance_scale)
+    cm = mp.compile(
+        model, post, (x,), covariance=covariance, likelihood="classification", variance_scale=variance_scale
+    )
     ref = _latent(model, post, x, covariance == "full", variance_scale)
     mean, var = cm(x)
     torch.testing.assert_close(mean.double(), ref.mean, rtol=1e-5, atol=1e-6)
@@ -60,7 +62,7 @@ def test_classification_probit(setup, covariance, variance_scale):
 
 def test_classification_with_no_variance_is_softmax(setup):
     model, _, x = setup
-    probs = mp.compile(model, {}, (x,), likelihood="classification").predict(x)
+    probs = mp.compile(model, 0.0, (x,), likelihood="classification").predict(x)
     torch.testing.assert_close(probs, torch.softmax(model(x), -1), rtol=1e-5, atol=1e-6)
 
 
@@ -69,7 +71,10 @@ def test_classification_with_no_variance_is_softmax(setup):
 def test_regression_adds_observation_noise(setup, covariance, variance_scale):
     model, post, x = setup
     sigma = 0.3
-    cm = mp.compile(model, post, (x,), covariance=covariance, likelihood="regression", sigma_noise=sigma, variance_scale=variance_scale)
+    cm = mp.compile(
+        model, post, (x,), covariance=covariance, likelihood="regression", sigma_noise=sigma,
+        variance_scale=variance_scale,
+    )
     full = covariance == "full"
     ref = _latent(model, post, x, full, variance_scale)
     latent_mean, latent_var = cm(x)

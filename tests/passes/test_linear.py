@@ -1,6 +1,6 @@
 """passes/linear.py: Gaussian moment matching of h = W a + b (linear, addmm, mm, matmul).
 
-Oracles: the paper's equations in float64 (``conftest.ref_linear`` and explicit sums written out below) and Monte
+Oracles: the paper's equations in float64 (``oracles.ref_linear`` and explicit sums written out below) and Monte
 Carlo over the weight posterior.  For a network without activations the second moments are exact, so the
 compiled covariance must match both the closed form and Monte Carlo.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (
+from oracles import (
     Gaussian,
     Source,
     assert_moments_close,
@@ -44,7 +44,7 @@ def test_layer_on_deterministic_input(random_weight, random_bias, covariance):
     names = {n for n, keep in (("0.weight", random_weight), ("0.bias", random_bias)) if keep}
     post = random_posterior(model, scale=1e-2, names=names)
     x = _x(4, 3, 6)
-    mean, var = compiled_moments(model, post, x, covariance)
+    mean, var = compiled_moments(model, post or 0.0, x, covariance)  # nothing random: zero variances ({} is refused)
 
     # Written out element by element: Var h[b, t, o] = sum_i x[b, t, i]^2 S[o, i] + s_b[o].
     expected = torch.zeros(4, 3, 5, dtype=torch.float64)
@@ -115,10 +115,11 @@ def test_network_without_activations_is_exact(linear_net_mc, covariance):
     cov = torch.zeros(5, 3, 3, dtype=torch.float64)
     for n in range(5):
         for k in range(3):
-            for l in range(3):
-                cov[n, k, l] = (W2[k] * W2[l] * v1[n]).sum()
+            for j in range(3):
+                cov[n, k, j] = (W2[k] * W2[j] * v1[n]).sum()
             cov[n, k, k] += (S2[k] * (m1[n] ** 2 + v1[n])).sum() + s2[k]
-    exact = Gaussian(m1 @ W2.T + b2, cov if covariance == "full" else torch.diagonal(cov, dim1=-2, dim2=-1), covariance == "full")
+    full = covariance == "full"
+    exact = Gaussian(m1 @ W2.T + b2, cov if full else torch.diagonal(cov, dim1=-2, dim2=-1), full)
     assert_moments_close(mean, var, exact)
 
     # Monte Carlo (20,000 samples): relative standard error of a variance ~1%; allow 5%.
@@ -178,7 +179,8 @@ def test_right_operand_products(op, covariance):
 
     alpha, beta = (2.0, 0.5) if op == "addmm_scaled" else (1.0, 1.0)
     has_bias = op != "mm"
-    g = ref_linear(Gaussian.constant(x, covariance == "full"), model.pre.weight, model.pre.bias, post["pre.weight"], post["pre.bias"])
+    g = Gaussian.constant(x, covariance == "full")
+    g = ref_linear(g, model.pre.weight, model.pre.bias, post["pre.weight"], post["pre.bias"])
     ref = ref_linear(
         g,
         alpha * model.W.detach().T,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (
+from oracles import (
     Gaussian,
     Source,
     assert_moments_close,

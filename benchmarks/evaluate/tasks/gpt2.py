@@ -71,7 +71,8 @@ class GPT2Shakespeare(Task):
         "the cost of MC (the head per sample) and of any output covariance grows with the vocabulary, and the full "
         f"50,257 would not fit the 20-minute budget. **Split** per seed: the token stream cut into disjoint windows of "
         f"{CONTEXT[False] + 1} tokens; {TEST[False]} seeded windows for test ({TEST[False] * CONTEXT[False]:,} "
-        f"predicted tokens), {VAL[False]} for validation, {TRAIN[False]:,} of the other ~24,000 for training (1 M tokens); every position of a "
+        f"predicted tokens), {VAL[False]} for validation, {TRAIN[False]:,} of the other ~24,000 for training "
+        "(1 M tokens); every position of a "
         "window is one prediction (next-token accuracy, NLPD = log perplexity, ECE over all test tokens). "
         f"**Random:** block {LAYERS - 1} (the last), the final LayerNorm and the LM head (~116k parameters); the "
         "embeddings and the first block are deterministic. MAP: Adam on all parameters (lr 3e-3, weight decay "
@@ -101,7 +102,8 @@ class GPT2Shakespeare(Task):
         "posterior widths that dropped noise does not show in the variance error. **Where the comparison is weak:** "
         "both posteriors are narrow. laplace-torch's prior precision, tuned by the validation NLPD of its own "
         "samples, lands at or near the top of the grid (1e6). In a one-off check on seed 0, outside this run, that "
-        "NLPD was flat within 5e-4 from 1e4 to 1e8 and far worse at 1e2 and below. So the Laplace MC, compiled and MAP predictives agree to three "
+        "NLPD was flat within 5e-4 from 1e4 to 1e8 and far worse at 1e2 and below. So the Laplace MC, compiled and "
+        "MAP predictives agree to three "
         "decimals, and those rows show no harm rather than a gain. IVON's learned variances are small too. The "
         "task therefore cannot show the compiled model beating or losing to MC-1000 on NLPD. It does show its "
         "latent-variance error and its cost, 2-3 orders of magnitude below MC-1000's. **What does not fit:** full "
@@ -142,7 +144,8 @@ class GPT2Shakespeare(Task):
             self.name, dataset, seed, "classification", split, partial(build_gpt2, vocab.size, CONTEXT[smoke]), cfg,
             posteriors=("laplace-diag", "ivon"), reference_points=1, reference_samples=2000 if smoke else 10_000,
             glm_chunk=1, tune_points=8 if not smoke else 4, train_map=train_map, train_ivon=train_ivon_from_map,
-            fit_laplace=fit, ivon_posterior=ivon_posterior_tokens, mc_vectorised=False, predict_chunk=4, calibration_points=16 if not smoke else 8,
+            fit_laplace=fit, ivon_posterior=ivon_posterior_tokens, mc_vectorised=False, predict_chunk=4,
+            calibration_points=16 if not smoke else 8,
             full_budget_s=15.0,
         )
         problem.notes.append(f"vocabulary coverage {vocab.coverage:.3f}")

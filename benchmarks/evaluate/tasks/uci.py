@@ -26,8 +26,9 @@ class UCIRegression(Task):
         f"MLP d-{'-'.join(map(str, HIDDEN))}-1 (ReLU). MAP: Adam (lr 1e-3, weight decay 1e-4, cosine schedule, "
         "batch 128, 40 epochs but at least 3,000 steps); observation noise = RMS residual of the mean network on the "
         "validation set (set separately for the MAP and the IVON network). IVON trains its own network with the "
-        "Gaussian likelihood at noise max(MAP noise, 0.3 standard deviations) (lr 0.1, beta2 0.9995, hess_init 5, weight "
-        "decay 1e-4; with the MAP noise itself IVON diverged on yacht, whose noise is 0.02 standard deviations). "
+        "Gaussian likelihood at noise max(MAP noise, 0.3 standard deviations) (lr 0.1, beta2 0.9995, hess_init 5, "
+        "weight decay 1e-4; with the MAP noise itself IVON diverged on yacht, whose noise is 0.02 standard "
+        "deviations). "
         "Predictives: MAP N(f(x), σ²); Monte Carlo the equal-weight mixture of N(f_s(x), σ²) over the weight samples; "
         "GLM and compiled N(mean, latent variance + σ²)."
     )

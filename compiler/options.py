@@ -1,0 +1,125 @@
+"""The options of :func:`momentprop.compile`, validated in one place and stored once.
+
+``compile`` builds one frozen :class:`Options` from its keywords; the compiled model (``cm.info.options``), its
+model card, the ONNX metadata and the saved file all read the options from there.  Validation raises
+:class:`InputError` naming the option and saying what to pass; a few combinations are normalised on the way
+(``output_covariance`` only applies in diag mode; ``predictive="glm"`` linearises the attention softmax too).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from momentprop.passes.heads import LINKS
+
+from .errors import InputError
+
+COVARIANCES = ("diag", "full")
+LIKELIHOODS = (None, "classification", "regression")
+ATTENTION = ("paper", "linearised")
+PREDICTIVES = ("suq", "glm")
+
+
+def number(name: str, value: object) -> float:
+    """``value`` as a float, or an InputError saying that ``name`` needs a number (a string such as "0.1" is not)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InputError(
+            f"{name} must be a number, got {type(value).__name__} {value!r}; pass a float such as {name}=0.1"
+        )
+    return float(value)
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the moment graph computes (the keywords of :func:`momentprop.compile`, see there).
+
+    Fields hold the normalised values: ``output_covariance`` is False in full mode (the output is a covariance
+    anyway), ``attention`` is ``"linearised"`` with ``predictive="glm"``, numbers are floats.  ``variance_scale`` is
+    the scale at compile time; ``cm.calibrate`` changes the compiled model's own scale (a buffer of its graph).
+    """
+
+    covariance: str = "diag"
+    likelihood: str | None = None
+    sigma_noise: float | None = None
+    output_covariance: bool = False
+    variance_scale: float = 1.0
+    link: str = "probit"
+    input_variance: bool = False
+    attention: str = "paper"
+    predictive: str = "suq"
+
+    def __post_init__(self) -> None:
+        if self.covariance not in COVARIANCES:
+            raise InputError(f"covariance must be one of {COVARIANCES}, got {self.covariance!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise InputError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        sigma_noise = None if self.sigma_noise is None else number("sigma_noise", self.sigma_noise)
+        if sigma_noise is not None and (self.likelihood != "regression" or not sigma_noise >= 0):
+            raise InputError("sigma_noise must be a non-negative number and needs likelihood='regression'")
+        variance_scale = number("variance_scale", self.variance_scale)
+        if not (variance_scale > 0 and variance_scale != float("inf")):
+            raise InputError(f"variance_scale must be a positive finite number, got {self.variance_scale!r}")
+        if self.link not in LINKS or (self.link != "probit" and self.likelihood != "classification"):
+            raise InputError(
+                f"link must be one of {LINKS} and only applies to likelihood='classification', got {self.link!r}"
+            )
+        if self.attention not in ATTENTION:
+            raise InputError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.predictive not in PREDICTIVES:
+            raise InputError(f"predictive must be one of {PREDICTIVES}, got {self.predictive!r}")
+        normalised = {
+            "sigma_noise": sigma_noise,
+            "variance_scale": variance_scale,
+            "output_covariance": _flag("output_covariance", self.output_covariance) and self.covariance == "diag",
+            "input_variance": _flag("input_variance", self.input_variance),
+            # the GLM predictive linearises everything, the attention weights included
+            "attention": "linearised" if self.predictive == "glm" else self.attention,
+        }
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def returns_covariance(self) -> bool:
+        """Whether the second output is a covariance over the last dim (rather than variances)."""
+        return self.covariance == "full" or self.output_covariance
+
+    def output_names(self) -> list[str]:
+        """The names of the moment graph's outputs (and of the ONNX file's)."""
+        names = ["mean", "covariance" if self.returns_covariance else "variance"]
+        if self.likelihood == "classification":
+            names.append("probs")
+        elif self.likelihood == "regression":
+            names.append("predictive_covariance" if self.returns_covariance else "predictive_variance")
+        return names
+
+    def card(self) -> dict[str, object]:
+        """The options' entries of the model card (JSON values)."""
+        return {
+            "covariance": self.covariance,
+            "output_covariance": self.output_covariance,
+            "likelihood": self.likelihood or "none",
+            "link": self.link,
+            "input_variance": self.input_variance,
+            "attention": self.attention,
+            "predictive": self.predictive,
+            "sigma_noise": self.sigma_noise,
+        }
+
+    def to_json(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

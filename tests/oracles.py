@@ -1,0 +1,222 @@
+"""Test oracles and model builders shared by the tests (``from oracles import ...``): random MLPs, random diagonal
+posteriors, the Monte Carlo oracle over the weight posterior, and an independent float64 reference propagation."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+def make_mlp(sizes: list[int], activation: Callable[[], nn.Module] | None = nn.ReLU, seed: int = 0) -> nn.Sequential:
+    """An MLP ``sizes[0] -> ... -> sizes[-1]`` with ``activation`` between linear layers (None: purely linear)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if activation is not None and i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers).eval()
+
+
+def random_posterior(model: nn.Module, scale: float = 1e-3, seed: int = 0, names=None) -> dict[str, torch.Tensor]:
+    """Diagonal variances, uniform in ``[0.5, 1.5] * scale``, for ``names`` (default: every parameter)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        n: scale * (0.5 + torch.rand(p.shape, generator=g))
+        for n, p in model.named_parameters()
+        if names is None or n in names
+    }
+
+
+@torch.no_grad()
+def monte_carlo(
+    model: nn.Module,
+    posterior: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    n_samples: int = 20_000,
+    seed: int = 0,
+    chunk: int = 2_000,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, variance and covariance (over the last dim) of ``model(x)`` with weights drawn from
+    ``N(params, diag(posterior))``, in float64."""
+    model = copy.deepcopy(model).double()
+    x = x.double() if x.is_floating_point() else x
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    std = {n: v.double().sqrt() for n, v in posterior.items()}
+    g = torch.Generator().manual_seed(seed)
+    total = total_outer = None
+    done = 0
+    while done < n_samples:
+        k = min(chunk, n_samples - done)
+        sampled = {
+            n: p.expand(k, *p.shape)
+            + (std[n] * torch.randn((k, *p.shape), generator=g, dtype=torch.float64) if n in std else 0)
+            for n, p in params.items()
+        }
+        out = torch.func.vmap(lambda ps: functional_call(model, ps, (x,)))(sampled)
+        s, so = out.sum(0), torch.einsum("s...i,s...j->...ij", out, out)
+        total = s if total is None else total + s
+        total_outer = so if total_outer is None else total_outer + so
+        done += k
+    mean = total / n_samples
+    cov = total_outer / n_samples - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    cov = cov * n_samples / (n_samples - 1)
+    return mean, torch.diagonal(cov, dim1=-2, dim2=-1), cov
+
+
+class TokenEmbedding(nn.Module):
+    """An embedding table applied to integer ids."""
+
+    def __init__(self, vocabulary: int = 10, dim: int = 4):
+        super().__init__()
+        self.table = nn.Embedding(vocabulary, dim)
+
+    def forward(self, ids):
+        return self.table(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Independent reference propagation (float64): the paper's equations written out with einsum, derivatives of
+# activations by autograd.  Used by tests/passes/* as the oracle for the compiled rules; shares no code with them.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Gaussian:
+    """A reference moment in float64: ``var`` is the variance shaped like ``mean`` (diag) or the covariance over
+    the last dim, shaped ``mean.shape + (C,)`` (full)."""
+
+    def __init__(self, mean: torch.Tensor, var: torch.Tensor, full: bool):
+        self.mean, self.var, self.full = mean.double(), var.double(), full
+
+    @classmethod
+    def constant(cls, x: torch.Tensor, full: bool) -> "Gaussian":
+        x = x.double()
+        return cls(x, torch.zeros(*x.shape, x.shape[-1], dtype=x.dtype) if full else torch.zeros_like(x), full)
+
+    def variance(self) -> torch.Tensor:
+        return torch.diagonal(self.var, dim1=-2, dim2=-1) if self.full else self.var
+
+    def to_full(self) -> "Gaussian":
+        return self if self.full else Gaussian(self.mean, torch.diag_embed(self.var), True)
+
+
+def _as64(t):
+    return None if t is None else t.detach().double()
+
+
+def ref_linear(g: Gaussian, weight, bias=None, weight_var=None, bias_var=None) -> Gaussian:
+    """``h = a W^T + b`` (torch layout, W: (out, in)) for ``a ~ g`` independent of W, b (elementwise variances).
+
+    diag: Var h = m^2 S^T + v (M^2 + S)^T + s_b
+    full: Cov h = M Sigma M^T + diag((m^2 + diag Sigma) S^T + s_b)
+    """
+    M, S, b, s_b = _as64(weight), _as64(weight_var), _as64(bias), _as64(bias_var)
+    m = g.mean
+    mean = torch.einsum("...i,oi->...o", m, M) + (0 if b is None else b)
+    elementwise = torch.zeros_like(mean)
+    if S is not None:
+        elementwise = elementwise + torch.einsum("...i,oi->...o", m * m + g.variance(), S)
+    if s_b is not None:
+        elementwise = elementwise + s_b
+    if not g.full:
+        return Gaussian(mean, elementwise + torch.einsum("...i,oi->...o", g.var, M * M), False)
+    cov = torch.einsum("oi,...ij,pj->...op", M, g.var, M) + torch.diag_embed(elementwise)
+    return Gaussian(mean, cov, True)
+
+
+def derivative(fn: Callable, m: torch.Tensor) -> torch.Tensor:
+    """f'(m) of an elementwise function, by autograd in float64."""
+    m = m.detach().double().clone().requires_grad_(True)
+    (d,) = torch.autograd.grad(fn(m).sum(), m)
+    return d.detach()
+
+
+def ref_elementwise(g: Gaussian, fn: Callable) -> Gaussian:
+    """Local linearisation at the mean: mean f(m), variance f'(m)^2 v (full: J Sigma J, J = diag f'(m))."""
+    with torch.no_grad():
+        mean = fn(g.mean)
+    d = derivative(fn, g.mean)
+    if not g.full:
+        return Gaussian(mean, d * d * g.var, False)
+    return Gaussian(mean, d.unsqueeze(-1) * d.unsqueeze(-2) * g.var, True)
+
+
+def ref_sequential(model: nn.Module, posterior: dict, g: Gaussian, prefix: str = "") -> Gaussian:
+    """Reference moments through an ``nn.Sequential`` of ``nn.Linear`` layers and elementwise modules."""
+    for name, layer in model.named_children():
+        if isinstance(layer, nn.Linear):
+            g = ref_linear(
+                g, layer.weight, layer.bias,
+                posterior.get(f"{prefix}{name}.weight"), posterior.get(f"{prefix}{name}.bias"),
+            )
+        elif isinstance(layer, (nn.Dropout, nn.Identity)):
+            continue
+        else:
+            g = ref_elementwise(g, copy.deepcopy(layer).double())
+    return g
+
+
+def assert_moments_close(mean, var, ref: Gaussian, rtol: float = 1e-4, atol_scale: float = 1e-5) -> None:
+    """Compiled (float32) moments against a float64 reference: relative ``rtol``, absolute tolerance
+    ``atol_scale`` times the largest reference (co)variance (off-diagonal entries may be ~0)."""
+    assert var.shape == ref.var.shape, f"(co)variance shape {tuple(var.shape)} != reference {tuple(ref.var.shape)}"
+    mean_scale = max(ref.mean.abs().max().item(), 1e-12)
+    torch.testing.assert_close(mean.double(), ref.mean, rtol=rtol, atol=atol_scale * mean_scale)
+    scale = max(ref.var.abs().max().item(), 1e-30)
+    torch.testing.assert_close(var.double(), ref.var, rtol=rtol, atol=atol_scale * scale)
+
+
+def assert_symmetric_psd(cov: torch.Tensor, rel_tol: float = 1e-5) -> None:
+    """Covariances over the last dim: symmetric, eigenvalues >= -rel_tol * largest, nonnegative variances."""
+    cov = cov.double()
+    scale = cov.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+    torch.testing.assert_close(cov, cov.mT, rtol=0, atol=1e-6 * scale.max().item())
+    eig = torch.linalg.eigvalsh(0.5 * (cov + cov.mT))
+    assert (eig >= -rel_tol * scale.squeeze(-1)).all(), f"not PSD: min eigenvalue {eig.min().item():.3g}"
+    assert (torch.diagonal(cov, dim1=-2, dim2=-1) >= 0).all()
+
+
+def compiled_moments(model: nn.Module, posterior, x: torch.Tensor, covariance: str = "diag", **kwargs):
+    """``mp.compile(...)(x)``: the compiled mean and (co)variance of ``model`` at ``x``."""
+    import momentprop as mp
+
+    return mp.compile(model, posterior, example_inputs=(x,), covariance=covariance, **kwargs)(x)
+
+
+class Source(nn.Module):
+    """An exactly Gaussian random tensor with correlated features: ``bayes`` (a Linear meant to be random, on a
+    deterministic input) then ``mix`` (a deterministic Linear scaled by ``gain``, plus ``offset`` on its bias).
+    Works on inputs of any rank (features last)."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: int = 8, gain: float = 1.0, offset: float = 0.0, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.bayes = nn.Linear(d_in, hidden)
+        self.mix = nn.Linear(hidden, d_out)
+        with torch.no_grad():
+            self.mix.weight.mul_(gain)
+            self.mix.bias.mul_(gain).add_(offset)
+
+    def forward(self, x):
+        return self.mix(self.bayes(x))
+
+    def reference(self, x: torch.Tensor, posterior: dict, prefix: str, full: bool) -> Gaussian:
+        """The reference moments of ``self(x)``; ``prefix`` is this module's name in the compiled model + '.'."""
+        g = Gaussian.constant(x, full)
+        g = ref_linear(
+            g, self.bayes.weight, self.bayes.bias,
+            posterior.get(prefix + "bayes.weight"), posterior.get(prefix + "bayes.bias"),
+        )
+        return ref_linear(
+            g, self.mix.weight, self.mix.bias, posterior.get(prefix + "mix.weight"), posterior.get(prefix + "mix.bias")
+        )
+
+
+def source_posterior(model: nn.Module, scale: float = 1e-2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random posterior on the ``bayes`` layers of every :class:`Source` in ``model``; everything else fixed."""
+    names = {n for n, _ in model.named_parameters() if "bayes" in n.split(".")}
+    return random_posterior(model, scale=scale, seed=seed, names=names)
