@@ -20,36 +20,17 @@ aten = torch.ops.aten
 
 
 def second_order_product(ctx: RuleContext, mean: Tensor, a: Moment, b: Moment) -> Moment | None:
-    """The part of ``a * b`` beyond its JVP, for jointly Gaussian operands (Isserlis): ``Var = p q + c^2`` per entry
-    (variances p, q, covariance c); full: ``Cov_ij = Sa_ij Sb_ij + Cab_ij Cab_ji``.  A fresh noise, uncorrelated with
-    the JVP's terms (third moments vanish).  None under ``predictive="glm"``."""
-    if ctx.first_order:
+    """The part of ``a * b`` beyond its JVP for independent operands: ``Var(da db) = p q`` per entry (full:
+    ``Cov_ij = Sa_ij Sb_ij``), a fresh noise, uncorrelated with the JVP's terms (third moments vanish); the paper's
+    ``v S`` term of a random weight times a random input.  Operands that share noise (``x * sigmoid(x)``, a GRU's
+    gates) are one function of that noise and are linearised as one, as the activations are: their product gets
+    no second-order term.  None under ``predictive="glm"``."""
+    if ctx.first_order or _shares_noise(a, b):
         return None
     if not ctx.keeps_maps:
-        p, q = a.variance(), b.variance()
-        c = _elementwise_covariance(a, b)
-        var = p * q if c is None else p * q + c * c
-        return Moment.diagonal(mean, var.expand(mean.shape))
-    sa, sb = a.covariance(), b.covariance()
-    cab = _cross_covariance(a, b)
-    cov = sa * sb if cab is None else sa * sb + cab * cab.mT
+        return Moment.diagonal(mean, (a.variance() * b.variance()).expand(mean.shape))
+    cov = a.covariance() * b.covariance()
     return Moment.of_noise(mean, RowCovarianceNoise(cov.expand(*mean.shape, mean.shape[-1])))
-
-
-def _elementwise_covariance(a: Moment, b: Moment) -> Tensor | None:
-    """``Cov(a_i, b_i)`` from the shared noises: ``(Var(a + b) - Var a - Var b) / 2``."""
-    if not _shares_noise(a, b):
-        return None
-    both = Moment(a.mean, a.terms + b.terms)
-    return 0.5 * (both.variance() - a.variance() - b.variance())
-
-
-def _cross_covariance(a: Moment, b: Moment) -> Tensor | None:
-    """``Cov(a_i, b_j)`` over the last dimension."""
-    if not _shares_noise(a, b):
-        return None
-    both = Moment(a.mean, a.terms + b.terms)
-    return 0.5 * (both.covariance() - a.covariance() - b.covariance())
 
 
 def _shares_noise(a: Moment, b: Moment) -> bool:

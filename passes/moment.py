@@ -139,7 +139,7 @@ class Move:
             return aten.select.int(t, dim, index)
         if self.kind == "pad":
             dim, before, after, _ = self.args
-            return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [before, after])
+            return F.pad(t, [0, 0] * (t.dim() - 1 - dim % t.dim()) + [before, after])
         if self.kind == "embedding":
             (indices,) = self.args
             flat = t.reshape(t.shape[0], -1)
@@ -180,18 +180,21 @@ def slice_move(ndim: int, dim: int, start, end, step, size) -> Move:
     if start in (None, 0) and step == 1 and (end is None or (isinstance(end, int) and isinstance(size, int)
                                                               and end >= size)):
         return IDENTITY
-    return Move("slice", (dim, start, end, step, size), dim != ndim - 1, f"slice{dim},{start},{end},{step}")
+    dim = -1 if dim == ndim - 1 else dim  # a cut of the last dim stays on the last dim when rows move
+    return Move("slice", (dim, start, end, step, size), dim != -1, f"slice{dim},{start},{end},{step}")
 
 
 def select_move(ndim: int, dim: int, index) -> Move:
     dim = dim % ndim
-    return Move("select", (dim, index), dim != ndim - 1, f"select{dim},{index}")
+    dim = -1 if dim == ndim - 1 else dim
+    return Move("select", (dim, index), dim != -1, f"select{dim},{index}")
 
 
 def pad_move(ndim: int, dim: int, before, after, size) -> Move:
     """``size``: the size of ``dim`` before padding."""
     dim = dim % ndim
-    return Move("pad", (dim, before, after, size), dim != ndim - 1, f"pad{dim},{before},{after}")
+    dim = -1 if dim == ndim - 1 else dim
+    return Move("pad", (dim, before, after, size), dim != -1, f"pad{dim},{before},{after}")
 
 
 def embedding_move(indices: Tensor) -> Move:

@@ -37,8 +37,11 @@ from exact_oracle import (
     compare_close, jacobian_covariance, median_relative_error, monte_carlo_moments, psd_problem, relative_posterior,
 )
 
-N_PROGRAMS = 208
-GROUP = 8
+# torch.export warns that nn.RNN's flat weight list is assigned while tracing (harmless here)
+pytestmark = pytest.mark.filterwarnings("ignore:The tensor attributes:UserWarning")
+
+N_PROGRAMS = 200
+GROUP = 10
 BATCH = 4
 SEED = 12
 
@@ -221,14 +224,14 @@ MENU = {
     "self_clone": 1, "self_view": 1, "self_tt": 1, "self_einsum": 1, "self_unsqueeze": 1,
     "reshape_rows": 1, "view_split": 0.7, "flatten": 0.7, "t_t": 0.7, "transpose_rt": 0.7, "permute_rt": 0.5,
     "slice_cat": 1, "cat": 1, "narrow": 1, "split_gates": 1.5, "layernorm": 1.5, "softmax": 1.2,
-    "grucell": 0.3, "lstmcell": 0.3, "rnncell": 0.3, "gru": 0.3, "lstm": 0.3, "rnn": 0.3,
+    "grucell": 0.2, "lstmcell": 0.2, "rnncell": 0.2, "gru": 0.2, "lstm": 0.2, "rnn": 0.2,
 }
 
 
 RECURRENT = ("grucell", "lstmcell", "rnncell", "gru", "lstm", "rnn")
 
 
-def generate(index: int, rng: random.Random, menu: dict[str, float] = MENU, n_ops: tuple[int, int] = (2, 6)) -> Program:
+def generate(index: int, rng: random.Random, menu: dict[str, float] = MENU, n_ops: tuple[int, int] = (2, 5)) -> Program:
     d_in = rng.randint(3, 8)
     specs: dict[str, tuple] = {}
     instrs: list[Instr] = []
@@ -307,7 +310,7 @@ def generate(index: int, rng: random.Random, menu: dict[str, float] = MENU, n_op
             if any(ins.kind in RECURRENT for ins in instrs):  # at most one per program: they are large graphs
                 continue
             hid = rng.randint(3, 6)
-            steps = rng.randint(2, 3) if kind.endswith("cell") else rng.randint(3, 4)
+            steps = 2 if kind.endswith("cell") else 3  # the fewest the issue asks for: each step is a large graph
             cls = {"grucell": "GRUCell", "lstmcell": "LSTMCell", "rnncell": "RNNCell", "gru": "GRU", "lstm": "LSTM",
                    "rnn": "RNN"}[kind]
             args = (wi, hid) + ((rng.choice(["tanh", "relu"]),) if cls.startswith("RNN") else ())
@@ -420,18 +423,63 @@ def _compiled(res: Result, program: Program):
         pytest.fail(f"{program.text()}\ncompiling failed: {type(res.compiled).__name__}: {res.compiled}")
 
 
-# programs that fail an exactness check with the rules of today (measured 2026-11-27, see the xfail reasons);
-# filled in from a run of this file and kept strict=False, so a fixed rule turns them into XPASS
-KNOWN_INEXACT: dict[str, str] = {}
+# Programs whose covariance check fails with today's rules (measured 2026-12-03 on the committed rules, before the
+# rewrite; ``python tests/test_corpus.py`` measures again): program -> (largest absolute error / max|oracle cov|,
+# worst |error| / (atol + rtol |expected|)). The checks stay; these programs are xfail(strict=False), so a program
+# that a rewritten rule makes exact shows up as XPASS. The mean and PSD checks pass for every program today.
+KNOWN_INEXACT_COV: dict[str, tuple[float, float]] = {
+    "p000": (0.221, 5.1e+03), "p001": (0.057, 1.8e+03), "p002": (0.004, 1.7e+02), "p004": (0.555, 6.6e+03),
+    "p006": (0.401, 4.3e+03), "p007": (0.5, 4.5e+03), "p010": (0.18, 5.7e+03), "p011": (0.001, 49),
+    "p012": (0.356, 4.3e+03), "p013": (0.292, 5.2e+03), "p014": (0.024, 8.6e+02), "p016": (0.981, 2.8e+04),
+    "p020": (0.149, 3.6e+03), "p022": (0.007, 3.7e+02), "p024": (0.427, 5.7e+03), "p025": (0.161, 6.7e+03),
+    "p026": (0.542, 5.7e+03), "p027": (0.405, 4.2e+03), "p031": (0.184, 4.2e+03), "p032": (0.092, 3e+03),
+    "p034": (0.144, 2.5e+03), "p035": (0.514, 4.7e+03), "p036": (0.293, 8.9e+03), "p037": (0.119, 5.8e+03),
+    "p039": (1.682, 2.4e+04), "p040": (0.988, 3.1e+04), "p041": (0.54, 1.9e+04), "p042": (0.009, 2.4e+02),
+    "p047": (0.595, 3.4e+04), "p048": (0.581, 5.7e+03), "p050": (0.003, 1.2e+02), "p052": (0.024, 1.1e+03),
+    "p056": (0.23, 2.1e+03), "p057": (0.035, 2.3e+03), "p058": (0.154, 2.6e+03), "p059": (0.018, 1.2e+03),
+    "p060": (0.38, 4e+03), "p062": (0.06, 2.1e+03), "p063": (0.027, 2.4e+03), "p064": (0.261, 1.1e+04),
+    "p067": (0.5, 4.5e+03), "p070": (0.133, 3.4e+03), "p071": (0.329, 5.1e+03), "p074": (0.0, 20),
+    "p076": (0.396, 3.6e+03), "p078": (0.055, 2.1e+03), "p080": (0.101, 3e+03), "p082": (0.05, 1.4e+03),
+    "p083": (0.009, 6.2e+02), "p084": (0.082, 2.3e+03), "p087": (0.661, 6e+03), "p089": (0.587, 5.3e+03),
+    "p090": (0.282, 4.2e+03), "p091": (0.053, 4.1e+03), "p092": (0.553, 6.6e+03), "p094": (0.181, 1.2e+04),
+    "p096": (0.238, 7.7e+03), "p098": (0.31, 8.2e+03), "p099": (0.664, 6e+03), "p100": (0.433, 1.6e+04),
+    "p102": (0.571, 1.3e+04), "p103": (0.356, 1e+04), "p105": (0.353, 2.5e+04), "p106": (0.003, 2.5e+02),
+    "p107": (0.047, 2.6e+03), "p108": (0.002, 1.5e+02), "p109": (0.5, 4.5e+03), "p110": (0.385, 6.7e+03),
+    "p111": (0.242, 4e+03), "p112": (0.824, 2.2e+04), "p115": (0.048, 2.3e+03), "p118": (0.542, 6.1e+03),
+    "p119": (0.459, 4.2e+03), "p120": (0.5, 4.5e+03), "p121": (0.134, 5.6e+03), "p122": (0.089, 3.8e+03),
+    "p124": (0.029, 5.5e+02), "p125": (0.089, 1.9e+03), "p126": (0.051, 1.5e+03), "p127": (0.02, 1.2e+03),
+    "p128": (0.444, 4.2e+03), "p131": (1.799, 3.2e+04), "p132": (0.616, 6.6e+03), "p133": (0.49, 4.5e+03),
+    "p134": (0.517, 4.8e+03), "p135": (0.017, 9.9e+02), "p136": (0.021, 1.3e+03), "p137": (0.062, 2.3e+03),
+    "p141": (0.057, 9.1e+02), "p142": (0.783, 1.6e+04), "p143": (0.004, 2e+02), "p144": (0.045, 1.4e+03),
+    "p147": (0.374, 1.2e+04), "p150": (0.659, 9.8e+03), "p152": (0.231, 1.4e+04), "p153": (0.647, 6.8e+03),
+    "p154": (0.157, 4.5e+03), "p155": (0.072, 1.2e+03), "p158": (0.661, 7.7e+03), "p159": (0.205, 4.2e+03),
+    "p160": (0.163, 3.3e+03), "p161": (0.073, 3.3e+03), "p162": (0.5, 4.9e+03), "p163": (0.24, 3.7e+03),
+    "p164": (0.269, 4.2e+03), "p167": (1.767, 6.8e+04), "p168": (0.305, 4.1e+03), "p169": (0.028, 1.3e+03),
+    "p170": (0.03, 1.5e+03), "p172": (0.023, 1.3e+03), "p174": (0.05, 1.5e+03), "p175": (0.5, 4.5e+03),
+    "p176": (0.006, 5e+02), "p177": (0.349, 4.1e+03), "p178": (0.103, 1.7e+03), "p179": (0.074, 2.5e+03),
+    "p180": (1.577, 3.1e+04), "p181": (0.19, 1.3e+04), "p182": (0.011, 5.5e+02), "p183": (0.057, 2.4e+03),
+    "p184": (0.878, 3e+04), "p186": (0.099, 4.5e+03), "p188": (1.165, 2.1e+04), "p194": (0.308, 5e+03),
+    "p195": (0.5, 4.5e+03), "p196": (0.544, 4.9e+03), "p199": (0.594, 6.1e+03),
+}
+KNOWN_INEXACT: dict[str, dict[str, str]] = {
+    "cov": {k: f"today's rules: max error {e:.1%} of max|cov| (tolerance ratio {r:.2g})"
+            for k, (e, r) in KNOWN_INEXACT_COV.items()},
+}
+
+
+# the fast loop (pytest -m "not slow") checks the first FAST programs; the whole corpus runs in CI
+FAST = 5 * GROUP
 
 
 def _params(check: str):
     out = []
     for p in PROGRAMS:
         marks = []
-        reason = KNOWN_INEXACT.get(f"{check}:{p.id}")
+        reason = KNOWN_INEXACT.get(check, {}).get(p.id.split("-")[0])
         if reason:
             marks.append(pytest.mark.xfail(reason=reason, strict=False))
+        if p.index >= FAST:
+            marks.append(pytest.mark.slow)
         out.append(pytest.param(p, id=p.id, marks=marks))
     return out
 
@@ -474,12 +522,14 @@ def test_covariance_is_symmetric_psd(program: Program):
     assert problem is None, f"{program.text()}\n{problem}"
 
 
-ONNX_GROUPS = [0, 9, 18]  # every ninth group: 24 programs through ONNX Runtime
+ONNX_GROUPS = [0, 7, 14]  # every seventh group: 30 programs through ONNX Runtime (the first in the fast loop)
 
 
-@pytest.mark.parametrize(
-    "g", ONNX_GROUPS, ids=[f"group{g}:" + ",".join(p.id.split("-")[0] for p in PROGRAMS[g * GROUP : (g + 1) * GROUP]) for g in ONNX_GROUPS]
-)
+@pytest.mark.parametrize("g", [
+    pytest.param(g, id=f"group{g}:" + ",".join(p.id.split("-")[0] for p in PROGRAMS[g * GROUP : (g + 1) * GROUP]),
+                 marks=[pytest.mark.slow] if g * GROUP >= FAST else [])
+    for g in ONNX_GROUPS
+])
 def test_onnx_runtime_equals_torch_at_another_batch(g: int):
     res = compiled_block(g * GROUP, (g + 1) * GROUP)
     if isinstance(res.compiled, Exception):
@@ -531,3 +581,117 @@ def test_diag_suq_matches_monte_carlo_at_small_variance(program: Program):
     err = median_relative_error(var, mc_var)
     assert err < 0.15, f"{program.text()}\ndiag suq variance vs Monte Carlo: median relative error {err:.3f}"
     assert var.min() >= 0
+
+
+def measure() -> dict[str, dict[str, str]]:
+    """Run every check and return the failures as ``KNOWN_INEXACT`` (``python tests/test_corpus.py`` prints it)."""
+    out: dict[str, dict[str, str]] = {"mean": {}, "cov": {}, "psd": {}}
+    for p in PROGRAMS:
+        res, cols = result_of(p)
+        key = p.id.split("-")[0]
+        if isinstance(res.compiled, Exception):
+            for check in out:
+                out[check][key] = f"compiling fails: {type(res.compiled).__name__}: {str(res.compiled)[:120]}"
+            continue
+        problems = {
+            "mean": compare_close(res.mean[..., cols], res.plain[..., cols], rtol=1e-5, atol_scale=1e-5),
+            "cov": compare_close(res.cov[..., cols, :], res.oracle_cov[..., cols, :], rtol=1e-4, atol_scale=1e-5),
+            "psd": psd_problem(res.cov[..., cols, cols]),
+        }
+        for check, problem in problems.items():
+            if problem:
+                out[check][key] = problem
+        if problems["cov"]:
+            got, want = res.cov[..., cols, :].double(), res.oracle_cov[..., cols, :]
+            scale = want.abs().max().item()
+            ratio = ((got - want).abs() / (1e-5 * scale + 1e-4 * want.abs())).max().item()
+            out["cov"][key] = (round((got - want).abs().max().item() / scale, 3), float(f"{ratio:.2g}"))
+    return out
+
+
+if __name__ == "__main__":
+    import pprint
+
+    pprint.pprint(measure(), width=120)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# posteriors from the libraries: laplace-torch (diag, kron) and IVON, on a few programs that are exact today
+# ---------------------------------------------------------------------------------------------------------------
+
+LIBRARY_CASES = [  # (program, posterior); kron needs every parameter in a Linear layer
+    ("p005", "laplace-diag"), ("p005", "laplace-kron"), ("p017", "laplace-kron"), ("p009", "laplace-diag"),
+    ("p003", "ivon"), ("p017", "ivon"),
+]
+
+
+def _program(key: str) -> Program:
+    return PROGRAMS[int(key[1:])]
+
+
+def _training_data(p: Program) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(p.index)
+    return torch.randn(64, p.d_in, generator=g), torch.randint(0, p.out_width, (64,), generator=g)
+
+
+def _split_flat(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A flat variance vector in ``model.parameters()`` order as ``{name: variance}``."""
+    out, i = {}, 0
+    for name, q in model.named_parameters():
+        out[name] = flat[i : i + q.numel()].view_as(q).detach()
+        i += q.numel()
+    assert i == flat.numel()
+    return out
+
+
+@pytest.mark.parametrize("key, library", [
+    pytest.param(k, lib, id=f"{_program(k).id}-{lib}", marks=[] if i < 2 else [pytest.mark.slow])
+    for i, (k, lib) in enumerate(LIBRARY_CASES)
+])
+def test_library_posteriors_are_exact(key: str, library: str):
+    """The compiled GLM covariance equals the exact linearisation under laplace-torch's and IVON's posteriors
+    (laplace-torch's own GLM predictive as a second oracle, the only one for kron)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    p = _program(key)
+    model = Generated(p).eval()
+    X, y = _training_data(p)
+    x = inputs(p.d_in, BATCH, seed=p.index)
+    expected_cov = None
+    if library.startswith("laplace"):
+        import laplace
+
+        la = laplace.Laplace(model, "classification", subset_of_weights="all",
+                             hessian_structure=library.split("-")[1], prior_precision=1.0)
+        la.fit(DataLoader(TensorDataset(X, y), batch_size=32))
+        posterior = la
+        _, glm_cov = la._glm_predictive_distribution(x)
+        expected_cov = glm_cov.detach().double()
+        variances = _split_flat(model, la.posterior_variance) if library == "laplace-diag" else None
+    else:
+        import ivon
+
+        torch.manual_seed(p.index)  # IVON samples its weights from the global generator
+        optimizer = ivon.IVON(model.parameters(), lr=0.05, ess=2_000.0, hess_init=1.0, beta2=0.99)
+        for _ in range(5):
+            with optimizer.sampled_params(train=True):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(X), y).backward()
+            optimizer.step()
+        model.eval()
+        group = optimizer.param_groups[0]
+        variances = _split_flat(model, 1.0 / (group["ess"] * (group["hess"] + group["weight_decay"])))
+        posterior = optimizer
+    cm = mp.compile(model, posterior, example_inputs=(x,), covariance="full", predictive="glm")
+    with torch.no_grad():
+        mean, cov = cm(x)
+        plain = model(x)
+    problem = compare_close(mean, plain, rtol=1e-5, atol_scale=1e-5)
+    assert problem is None, f"{p.text()}\n{library}: mean: {problem}"
+    if variances is not None:
+        _, oracle_cov = jacobian_covariance(model, variances, x)
+        problem = compare_close(cov, oracle_cov, rtol=1e-4, atol_scale=1e-5)
+        assert problem is None, f"{p.text()}\n{library}: covariance vs J diag(S) Jᵀ: {problem}"
+    if expected_cov is not None:
+        problem = compare_close(cov, expected_cov, rtol=1e-4, atol_scale=1e-5)
+        assert problem is None, f"{p.text()}\n{library}: covariance vs laplace-torch's GLM predictive: {problem}"

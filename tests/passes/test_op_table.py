@@ -161,6 +161,11 @@ def _h3(s, x):
     return s.value(x)  # (B, T, H) for rank-3 samples
 
 
+def _sdpa(q, k, v, **kw):
+    """One head: (B, T, H) -> (B, 1, T, H) for attention (the ONNX exporter takes 4-D attention only) -> (B, T, H)."""
+    return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), **kw).squeeze(1)
+
+
 # torch 2.13, momentprop's capture (torch.export, then core ATen decompositions except the ops with a rule): where
 # a rule's op never reaches it with a random value from a weight posterior
 UNREACHED_REASONS = {
@@ -254,11 +259,9 @@ TABLE: list[OpInfo] = [
     OpInfo(aten.softmax.int, sample(lambda s, x: torch.softmax(s.value(x), -1)), FULL),
     OpInfo(aten._softmax.default, sample(lambda s, x: aten._softmax.default(s.value(x), -1, False)), FULL),
     OpInfo(aten.scaled_dot_product_attention.default,
-           sample(lambda s, x: F.scaled_dot_product_attention(_h3(s, x), s.branch(0, x), s.branch(1, x)), rank=3,
-                  branches=2), FULL),
+           sample(lambda s, x: _sdpa(_h3(s, x), s.branch(0, x), s.branch(1, x)), rank=3, branches=2), FULL),
     OpInfo(aten.scaled_dot_product_attention.default,
-           sample(lambda s, x: F.scaled_dot_product_attention(_h3(s, x), _h3(s, x), _h3(s, x), is_causal=True),
-                  rank=3),
+           sample(lambda s, x: (lambda h: _sdpa(h, h, h, is_causal=True))(_h3(s, x)), rank=3),
            FULL, name="self causal"),
     # ---- data movement ----------------------------------------------------------------------------------------------
     OpInfo(aten.view.default, sample(lambda s, x: s.value(x).view(x.shape[0], 1, H).view(x.shape[0], H))),
@@ -284,6 +287,10 @@ TABLE: list[OpInfo] = [
     OpInfo(aten.expand.default, sample(lambda s, x: s.value(x).unsqueeze(1).expand(-1, T, -1))),
     OpInfo(aten.clone.default, sample(lambda s, x: s.value(x).clone())),
     OpInfo(aten.clone.default, sample(lambda s, x: (lambda h: h * h.clone())(s.value(x))), FULL, name="self product"),
+    OpInfo(aten.clone.default, sample(lambda s, x: (lambda h: h * h.clone())(s.value(x)), trunk="shallow"), FULL,
+           name="self product of one random layer"),
+    OpInfo(aten.mul.Tensor, sample(lambda s, x: (lambda h: h * h.view(h.shape))(s.value(x)), trunk="shallow"), FULL,
+           name="self product through a view"),
     OpInfo(aten.alias.default, sample(lambda s, x: aten.alias.default(s.value(x)))),
     OpInfo(aten.detach.default, sample(lambda s, x: s.value(x).detach() + 0.0),
            reference=with_fn(lambda s, x: s.value(x) + 0.0)),
@@ -340,6 +347,36 @@ TABLE: list[OpInfo] = [
                 unreached=UNREACHED_REASONS["sym"]),
 ]
 
+# Checks that fail with today's rules (measured 2026-12-03 on the committed rules, before the rewrite): the check
+# is kept, the entry marked xfail(strict=False), so a fixed rule shows up as XPASS. "error" is the largest absolute
+# error over the largest oracle (co)variance; "ratio" the worst |error| / (atol + rtol |expected|).
+_LOST = "full mode keeps a covariance over the last dim only; "
+XFAIL_TODAY: dict[tuple[str, str], str] = {
+    ("jacobian", "bmm.default[two random operands]"):
+        "the second operand's rows (tokens) share weight noise, and their cross-row covariance is not carried: "
+        "error 15% of max|cov|, ratio 3.6e3",
+    ("jacobian", "scaled_dot_product_attention.default"):
+        "linearised attention drops the cross-token covariances of q, k and v (shared weight noise): error 56%, "
+        "ratio 5.3e3",
+    ("jacobian", "scaled_dot_product_attention.default[self causal]"): "as above, q = k = v: error 35%, ratio 4.9e3",
+    ("jacobian", "view.default[through the last dim]"):
+        _LOST + "a view that moves the features out of it zeroes their covariances: error 30%, ratio 7.5e3",
+    ("jacobian", "permute.default[through the last dim]"): _LOST + "error 17%, ratio 6.2e3",
+    ("jacobian", "transpose.int[through the last dim]"): _LOST + "error 15%, ratio 6.0e3",
+    ("jacobian", "t.default"): _LOST + "h.t().exp().t() zeroes the feature covariances: error 15%, ratio 5.9e3",
+    ("jacobian", "cat.default[parts of one value]"):
+        "cat of parts cut from one random value drops their cross-covariance (documented in the cat rule): "
+        "error 37%, ratio 7.9e3",
+    ("jacobian", "split.Tensor"):
+        "the split parts of one value lose their cross-covariance, so sigmoid(a) * c + b is off: error 5.5%, "
+        "ratio 2.0e3",
+    ("jacobian", "split_with_sizes.default"): "cat of the split parts of one value: error 13%, ratio 5.7e3",
+}
+for _e in TABLE:
+    for (_oracle, _id), _reason in XFAIL_TODAY.items():
+        if _e.id == _id:
+            _e.xfail[_oracle] = _reason
+
 ENTRIES: list[OpInfo] = TABLE
 
 
@@ -383,6 +420,27 @@ def _blocks(indices: list[int]) -> list[tuple[int, ...]]:
     for i in indices:
         by_shape.setdefault(out_shape(i)[:-1], []).append(i)
     return [tuple(v[k : k + BLOCK]) for v in by_shape.values() for k in range(0, len(v), BLOCK)]
+
+
+# The Monte Carlo and ONNX checks of every entry take minutes (sampling, exporting): the fast loop runs every
+# FAST_EVERY-th entry that has the oracle (the table is ordered by family, so every family is sampled), the rest is
+# marked slow. The jacobian check runs every entry in the fast loop.
+FAST_EVERY = {"jacobian": 1, "mc": 6, "onnx": 10}
+
+
+def with_oracle(oracle: str) -> list[int]:
+    return [i for i, e in enumerate(ENTRIES) if oracle in e.oracles]
+
+
+def is_fast(i: int, oracle: str) -> bool:
+    return with_oracle(oracle).index(i) % FAST_EVERY[oracle] == 0
+
+
+def blocks_of(oracle: str) -> list[tuple[int, ...]]:
+    """The blocks an oracle's entries are compiled in: fast and slow entries apart, so the fast loop compiles
+    only what it checks."""
+    wanted = with_oracle(oracle)
+    return _blocks([i for i in wanted if is_fast(i, oracle)]) + _blocks([i for i in wanted if not is_fast(i, oracle)])
 
 
 @dataclass
@@ -436,21 +494,24 @@ def run_block(members: tuple[int, ...], mode: str) -> BlockResult:
     return BlockResult(members, cols, x, post, cm, mean, var, plain, oracle)
 
 
-def result_for(i: int, mode: str) -> BlockResult:
-    """The compiled block holding entry ``i`` (halved down to ``i`` alone where a block does not compile)."""
-    wanted = [j for j, e in enumerate(ENTRIES) if (("mc" in e.oracles) if mode == "suq" else True)]
-    block = next(b for b in _blocks(wanted) if i in b)
-    while True:
-        res = run_block(block, mode)
-        if not isinstance(res.compiled, Exception) or len(block) == 1:
-            return res
+def _halving(i: int, oracle: str, ok: Callable[[tuple[int, ...]], bool]) -> tuple[int, ...]:
+    """Entry ``i``'s block for ``oracle``, halved (keeping ``i``) while ``ok(block)`` is false."""
+    block = next(b for b in blocks_of(oracle) if i in b)
+    while not ok(block) and len(block) > 1:
         half = len(block) // 2
         block = block[:half] if i in block[:half] else block[half:]
+    return block
+
+
+def result_for(i: int, oracle: str) -> BlockResult:
+    """The compiled block holding entry ``i`` (halved down to ``i`` alone where a block does not compile)."""
+    mode = "suq" if oracle == "mc" else "glm"
+    return run_block(_halving(i, oracle, lambda b: not isinstance(run_block(b, mode).compiled, Exception)), mode)
 
 
 @functools.lru_cache(maxsize=None)
-def onnx_block(members: tuple[int, ...]) -> tuple[torch.Tensor, dict] | Exception:
-    """The glm block through ONNX Runtime at batch ``BATCH2``: (x2, outputs)."""
+def onnx_block(members: tuple[int, ...]) -> tuple[BlockResult, torch.Tensor, dict] | Exception:
+    """The glm block through ONNX Runtime at batch ``BATCH2``: (its result, x2, ONNX Runtime's outputs)."""
     res = run_block(members, "glm")
     if isinstance(res.compiled, Exception):
         return res.compiled
@@ -462,7 +523,12 @@ def onnx_block(members: tuple[int, ...]) -> tuple[torch.Tensor, dict] | Exceptio
             out = mp.OnnxRunner(path, threads=1)(x2.numpy())
     except Exception as exc:
         return exc
-    return x2, out
+    return res, x2, out
+
+
+def onnx_for(i: int) -> tuple[BlockResult, torch.Tensor, dict] | Exception:
+    """Entry ``i``'s block through ONNX Runtime (halved down to ``i`` alone where a block does not export)."""
+    return onnx_block(_halving(i, "onnx", lambda b: not isinstance(onnx_block(b), Exception)))
 
 
 def _fail_if_not_compiled(res: BlockResult, entry: OpInfo) -> None:
@@ -472,10 +538,12 @@ def _fail_if_not_compiled(res: BlockResult, entry: OpInfo) -> None:
 
 def _params(oracle: str):
     out = []
-    for i, e in enumerate(ENTRIES):
-        if oracle in e.oracles:
-            marks = [pytest.mark.xfail(reason=e.xfail[oracle], strict=False)] if oracle in e.xfail else []
-            out.append(pytest.param(i, id=e.id, marks=marks))
+    for i in with_oracle(oracle):
+        e = ENTRIES[i]
+        marks = [pytest.mark.xfail(reason=e.xfail[oracle], strict=False)] if oracle in e.xfail else []
+        if not is_fast(i, oracle):
+            marks.append(pytest.mark.slow)
+        out.append(pytest.param(i, id=e.id, marks=marks))
     return out
 
 
@@ -542,7 +610,7 @@ def test_samples_reach_their_op():
 @pytest.mark.parametrize("i", _params("jacobian"))
 def test_glm_full_equals_the_jacobian_oracle(i: int):
     entry = ENTRIES[i]
-    res = result_for(i, "glm")
+    res = result_for(i, "jacobian")
     _fail_if_not_compiled(res, entry)
     cols = res.columns[i]
     problem = compare_close(res.mean[..., cols], res.plain[..., cols], rtol=1e-5, atol_scale=1e-5)
@@ -555,11 +623,10 @@ def test_glm_full_equals_the_jacobian_oracle(i: int):
     assert problem is None, f"{entry.id}: {problem}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("i", _params("mc"))
 def test_diag_suq_matches_monte_carlo(i: int):
     entry = ENTRIES[i]
-    res = result_for(i, "suq")
+    res = result_for(i, "mc")
     _fail_if_not_compiled(res, entry)
     cols = res.columns[i]
     _, mc_var, _ = res.oracle
@@ -571,12 +638,10 @@ def test_diag_suq_matches_monte_carlo(i: int):
 @pytest.mark.parametrize("i", _params("onnx"))
 def test_onnx_runtime_equals_torch_at_another_batch(i: int):
     entry = ENTRIES[i]
-    res = result_for(i, "glm")
-    _fail_if_not_compiled(res, entry)
-    got = onnx_block(res.members)
+    got = onnx_for(i)
     if isinstance(got, Exception):
-        pytest.fail(f"{entry.id}: exporting or running the block failed: {type(got).__name__}: {got}")
-    x2, out = got
+        pytest.fail(f"{entry.id}: compiling, exporting or running failed: {type(got).__name__}: {got}")
+    res, x2, out = got
     with torch.no_grad():
         mean, cov = res.compiled(x2)
     cols = res.columns[i]
@@ -584,3 +649,9 @@ def test_onnx_runtime_equals_torch_at_another_batch(i: int):
     assert problem is None, f"{entry.id}: ONNX mean: {problem}"
     problem = compare_close(torch.from_numpy(out["covariance"])[..., cols, :], cov[..., cols, :], 1e-4, 1e-5)
     assert problem is None, f"{entry.id}: ONNX covariance: {problem}"
+
+
+def test_xfail_table_names_entries():
+    ids = {(o, e.id) for e in ENTRIES for o in e.oracles}
+    stale = sorted(set(XFAIL_TODAY) - ids)
+    assert not stale, f"XFAIL_TODAY names no entry with that oracle: {stale}"
