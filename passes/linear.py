@@ -92,16 +92,14 @@ def _weight_terms(ctx: RuleContext, mean: Tensor, a, w: Moment, alpha: float) ->
         if second is not None:
             terms.append(Term(Noise(second)))
         return terms
-    # a computed random right operand (values, keys): its entries' noises mixed by the rows of a
-    if not is_random(a):
-        shared = _shared_of(w)
-        if shared is not None:
-            return [Term(Noise(shared.averaged_variance(inputs)))]
-        weights = inputs * inputs
-        cov = torch.einsum("...ts,...sij->...tij", weights, w.covariance())
-        return [Term(RowCovarianceNoise(cov))]
-    second = inputs * inputs if ctx.first_order else inputs * inputs + (alpha * alpha) * a.variance()
-    return [Term(Noise(second @ w.variance()))]
+    # a computed random right operand (values): its rows mixed by a, taken independent across rows (the paper's
+    # sum_s E[a_ts^2] Cov(V_s)), or with their row-shared weight noise where it is known
+    if not is_random(a) and (shared := _shared_of(w)) is not None:
+        return [Term(Noise(shared.averaged_variance(inputs)))]
+    second = inputs * inputs
+    if is_random(a) and not ctx.first_order:
+        second = second + (alpha * alpha) * a.variance()
+    return [Term(RowCovarianceNoise(torch.einsum("...ts,...sij->...tij", second, w.covariance())))]
 
 
 def _collapsed_product(ctx: RuleContext, mean: Tensor, a, w, bias, alpha: float, beta: float) -> Moment | Tensor:

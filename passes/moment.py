@@ -720,6 +720,16 @@ def settled(t: Term, mean: Tensor | None = None) -> Term | None:
                 return None
         elif move.kind in ("slice", "pad"):  # of the last dim: a selection (or embedding) matrix on the left
             jacobian = jacobian.then(_selection(move, jacobian.matrices[-1]))
+        elif move.kind == "expand" and statically_known_true(jacobian.out_size == 1):  # copies of one feature
+            (shape,) = move.args
+            like = jacobian.matrices[-1]
+            jacobian = jacobian.then(torch.ones(shape[-1], 1, dtype=like.dtype, device=like.device))
+            current = layout.apply(t.noise.variance).shape[:-1]
+            if not same_shape(current, shape[:-1]):  # what is left moves rows only
+                rows = expand_move((*current, shape[-1]), shape)
+                if not jacobian.is_shared_matrix:
+                    jacobian = MatrixTangent.of(rows.apply(_dense_per_row(jacobian, layout, t.noise), tail + 1))
+                layout = layout.then(rows, tail)
         else:
             variance = _term_variance(Term(t.noise, layout, jacobian))
             rest = Layout(t.after.moves[i:])
@@ -750,7 +760,7 @@ def _dense_per_row(jacobian: MatrixTangent, layout: Layout, noise: Noise) -> Ten
     """The dense Jacobian expanded to the root's rows (a row move needs every row's matrix)."""
     j = jacobian.dense()
     rows = layout.apply(noise.variance).shape[:-1]
-    return j.expand(*rows, *j.shape[-2:]) if j.dim() - 2 < len(rows) else j
+    return j if same_shape(j.shape[:-2], rows) else j.expand(*rows, *j.shape[-2:])
 
 
 def _root_of(t: Term) -> tuple[Tensor, Tensor | None]:

@@ -48,7 +48,8 @@ def _check_posterior(model: nn.Module, posterior: Mapping[str, torch.Tensor]) ->
     for name, var in posterior.items():
         assert name in params, f"posterior names {name!r}, which is not a parameter of the model"
         var = torch.as_tensor(var, dtype=torch.float64)
-        assert var.shape == params[name].shape, f"{name}: variance shape {tuple(var.shape)} != {tuple(params[name].shape)}"
+        shape = tuple(params[name].shape)
+        assert var.shape == shape, f"{name}: variance shape {tuple(var.shape)} != {shape}"
         assert (var >= 0).all(), f"{name}: negative variance"
         out[name] = var
     return out
@@ -151,7 +152,9 @@ def _batched(forward, draws: dict[str, torch.Tensor]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def compare_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4, atol_scale: float = 1e-5) -> str | None:
+def compare_close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4, atol_scale: float = 1e-5
+) -> str | None:
     """None where ``|a - e| <= atol_scale * max|e| + rtol * |e|`` everywhere, else a one-line summary: the worst
     entry and the ratio ``|a - e| / (atol + rtol |e|)`` (> 1 fails)."""
     a, e = actual.detach().double(), expected.detach().double()

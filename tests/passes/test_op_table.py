@@ -224,7 +224,8 @@ TABLE: list[OpInfo] = [
     OpInfo(aten.mul.Tensor, sample(lambda s, x: (lambda h: h * h)(s.value(x))), name="square"),
     OpInfo(aten.mul.Tensor, sample(lambda s, x: s.value(x) * s.const), name="by constant"),
     OpInfo(aten.mul.Scalar, sample(lambda s, x: aten.mul.Scalar(s.value(x), -2.5))),
-    OpInfo(aten.div.Tensor, sample(lambda s, x: s.branch(0, x) / s.value(x), shift=3.0, branches=1), name="independent"),
+    OpInfo(aten.div.Tensor, sample(lambda s, x: s.branch(0, x) / s.value(x), shift=3.0, branches=1),
+           name="independent"),
     OpInfo(aten.div.Tensor, sample(lambda s, x: (lambda h: torch.tanh(h) / h)(s.value(x)), shift=3.0), FULL,
            name="same root"),
     OpInfo(aten.div.Scalar, sample(lambda s, x: aten.div.Scalar(s.value(x), 4.0))),
@@ -236,11 +237,13 @@ TABLE: list[OpInfo] = [
     OpInfo(aten.linear.default, sample(lambda s, x: s.extra["out"](s.value(x)), extra={"out": nn.Linear(H, 4)}), FULL),
     OpInfo(aten.linear.default, sample(lambda s, x: s.extra["out"](s.value(x)), trunk="shallow",
                                        extra={"out": nn.Linear(H, 4)}), name="one random layer before"),
-    OpInfo(aten.addmm.default, sample(lambda s, x: torch.addmm(s.extra["out"].bias, s.value(x), s.extra["out"].weight.t()),
+    OpInfo(aten.addmm.default, sample(lambda s, x: torch.addmm(s.extra["out"].bias, s.value(x),
+                                                               s.extra["out"].weight.t()),
                                       extra={"out": nn.Linear(H, 4)}), FULL),
     OpInfo(aten.mm.default, sample(lambda s, x: torch.mm(s.value(x), s.extra["out"].weight.t()),
                                    extra={"out": nn.Linear(H, 4)}), FULL),
-    OpInfo(aten.bmm.default, sample(lambda s, x: torch.bmm(_h3(s, x), s.extra["out"].weight.t().expand(x.shape[0], H, 4)),
+    OpInfo(aten.bmm.default, sample(lambda s, x: torch.bmm(_h3(s, x),
+                                                           s.extra["out"].weight.t().expand(x.shape[0], H, 4)),
                                     rank=3, extra={"out": nn.Linear(H, 4)}), FULL),
     OpInfo(aten.bmm.default, sample(lambda s, x: torch.bmm(_h3(s, x), s.branch(0, x).transpose(1, 2)), rank=3,
                                     branches=1), FULL, name="two random operands"),
@@ -251,7 +254,8 @@ TABLE: list[OpInfo] = [
            sample(lambda s, x: s.extra["bn"](s.value(x)), trunk="shallow", extra={"bn": nn.BatchNorm1d(H)})),
     OpInfo(aten._native_batch_norm_legit_no_training.default,
            sample(lambda s, x: s.extra["bn"](s.value(x)), extra={"bn": nn.BatchNorm1d(H)}), FULL, name="dense"),
-    OpInfo(aten.layer_norm.default, sample(lambda s, x: s.extra["ln"](s.value(x)), extra={"ln": nn.LayerNorm(H)}), FULL),
+    OpInfo(aten.layer_norm.default, sample(lambda s, x: s.extra["ln"](s.value(x)), extra={"ln": nn.LayerNorm(H)}),
+           FULL),
     OpInfo(aten.native_layer_norm.default,
            sample(lambda s, x: aten.native_layer_norm.default(s.value(x), [H], s.extra["ln"].weight, s.extra["ln"].bias,
                                                               1e-5)[0], extra={"ln": nn.LayerNorm(H)}), FULL),
@@ -301,7 +305,8 @@ TABLE: list[OpInfo] = [
            unreached=UNREACHED_REASONS["copy"]),
     OpInfo(aten.cat.default, sample(lambda s, x: torch.cat([s.value(x), s.branch(0, x)], -1), branches=1),
            name="independent"),
-    OpInfo(aten.cat.default, sample(lambda s, x: (lambda h: torch.cat([h[:, 2:], torch.tanh(h[:, :2])], -1))(s.value(x))),
+    OpInfo(aten.cat.default, sample(lambda s, x: (lambda h: torch.cat([h[:, 2:], torch.tanh(h[:, :2])], -1))(
+        s.value(x))),
            FULL, name="parts of one value"),
     OpInfo(aten.cat.default, sample(lambda s, x: torch.cat([_h3(s, x), s.branch(0, x)], 1), rank=3, branches=1),
            name="rows"),
@@ -371,6 +376,10 @@ XFAIL_TODAY: dict[tuple[str, str], str] = {
         "the split parts of one value lose their cross-covariance, so sigmoid(a) * c + b is off: error 5.5%, "
         "ratio 2.0e3",
     ("jacobian", "split_with_sizes.default"): "cat of the split parts of one value: error 13%, ratio 5.7e3",
+    ("jacobian", "clone.default[self product of one random layer]"):
+        "h * h.clone() with h a random layer's output on a deterministic input: the copy is taken as an independent "
+        "value, the variance is half the exact one (error 50%, ratio 4.6e3); on a deeper value it is exact",
+    ("jacobian", "mul.Tensor[self product through a view]"): "h * h.view(h.shape), as above: error 50%, ratio 4.6e3",
 }
 for _e in TABLE:
     for (_oracle, _id), _reason in XFAIL_TODAY.items():
@@ -479,7 +488,10 @@ def run_block(members: tuple[int, ...], mode: str) -> BlockResult:
         cols[i] = slice(start, start + out_shape(i)[-1])
         start += out_shape(i)[-1]
     try:
-        kwargs = dict(covariance="full", predictive="glm") if mode == "glm" else dict(covariance="diag", predictive="suq")
+        if mode == "glm":
+            kwargs = dict(covariance="full", predictive="glm")
+        else:
+            kwargs = dict(covariance="diag", predictive="suq")
         cm = mp.compile(block, post, example_inputs=(x,), **kwargs)
         with torch.no_grad():
             mean, var = cm(x)
