@@ -34,7 +34,7 @@ from .options import Options
 from .persist import load_compiled as load
 from .persist import load_posterior, save_posterior
 from .posterior import Dense, FullCovariance, Kron, read_posterior
-from .rewrite import MomentInterpreter, RewriteConfig, rewrite
+from .rewrite import MomentInterpreter, rewrite
 from .runtime import CompiledInfo, CompiledModel, OnnxRunner, predict_onnx
 
 __all__ = [
@@ -125,12 +125,7 @@ def compile(
     with quiet_torch():
         with deterministic_meanfield(model):
             program = capture(model, inputs)
-        # the interpreter takes the options as a RewriteConfig plus the two numbers (rewrite.py is not changed here)
-        config = RewriteConfig(
-            options.covariance, options.likelihood, options.output_covariance, options.link, options.input_variance,
-            options.attention, options.predictive,
-        )
-        interpreter = MomentInterpreter(program, model, variances, config, options.sigma_noise, options.variance_scale)
+        interpreter = MomentInterpreter(program, model, variances, options)
         if options.input_variance:
             inputs = inputs + tuple(torch.zeros_like(x) for x in inputs)
         moment_program = rewrite(interpreter, inputs)

@@ -10,7 +10,6 @@ no variance never appear in it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -23,27 +22,16 @@ from torch.utils import _pytree as pytree
 from momentprop.passes import Moment, RuleContext, heads, lookup
 from momentprop.passes.moment import MatrixTangent, Noise
 from momentprop.passes.weights import DenseBlockNoise, KronNoise
-from momentprop.passes.registry import Covariance
 
 from .capture import dynamic_shapes, with_batch_of_two
 from .errors import CaptureError, InputError, UnsupportedOpError
+from .options import Options
 from .posterior import Dense, Kron, ParameterPosterior, Posterior, canonical_names
 
 LINEAR_FAMILY = {
     torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
     torch.ops.aten.bmm.default, torch.ops.aten.matmul.default,
 }
-
-
-@dataclass(frozen=True)
-class RewriteConfig:
-    covariance: Covariance
-    likelihood: str | None
-    output_covariance: bool
-    link: str = "probit"
-    input_variance: bool = False
-    attention: str = "paper"
-    predictive: str = "suq"
 
 
 def _buffer_name(prefix: str, name: str) -> str:
@@ -151,13 +139,11 @@ class MomentInterpreter(nn.Module):
         program: ExportedProgram,
         model: nn.Module,
         posterior: Posterior,
-        config: RewriteConfig,
-        sigma_noise: float | None,
-        variance_scale: float,
+        options: Options,
     ):
         super().__init__()
         self.graph = program.graph_module.graph
-        self.config = config
+        self.config = config = options
         self.bindings: list[tuple] = []
         self.posterior_kinds: dict[str, object] = {}  # random parameter -> its structure (None: diagonal)
         aliases = canonical_names(model)
@@ -191,9 +177,9 @@ class MomentInterpreter(nn.Module):
         self.final_layer = _final_layer(self.graph, self.needed) if config.output_covariance else None
         self.keeps_maps = _descendants(self.final_layer) if self.final_layer is not None else set()
         self.attention_weights = _attention_weights(self.graph)
-        self.register_buffer("variance_scale", torch.tensor(float(variance_scale)))
+        self.register_buffer("variance_scale", torch.tensor(float(options.variance_scale)))
         if config.likelihood == "regression":
-            self.register_buffer("noise_variance", torch.tensor(float(sigma_noise or 0.0) ** 2))
+            self.register_buffer("noise_variance", torch.tensor(float(options.sigma_noise or 0.0) ** 2))
 
     @property
     def random_parameters(self) -> list[str]:

@@ -88,7 +88,9 @@ def _mask_bias(attn_mask, is_causal: bool, scores: Tensor) -> Tensor | None:
         causal = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(diagonal=s - t)
         bias = torch.zeros_like(causal, dtype=scores.dtype).masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
-        mask = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(~attn_mask, float("-inf"))
+        mask = attn_mask
+        if attn_mask.dtype == torch.bool:
+            mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(~attn_mask, float("-inf"))
         bias = mask if bias is None else bias + mask
     return bias
 

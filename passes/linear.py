@@ -56,7 +56,9 @@ def _shared_of(w: Moment) -> SharedNoise | None:
 
 
 def _bias_terms(mean: Tensor, bias: Moment, beta: float) -> tuple[Term, ...]:
-    moved = bias if same_shape(bias.mean.shape, mean.shape) else bias.moved(mean, expand_move(bias.mean.shape, mean.shape))
+    if not same_shape(bias.mean.shape, mean.shape):
+        bias = bias.moved(mean, expand_move(bias.mean.shape, mean.shape))
+    moved = bias
     return moved.scaled(mean, beta).terms if beta != 1.0 else moved.terms
 
 
@@ -181,7 +183,8 @@ def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: Moment, bias) -
 
 
 def _structured(weight) -> bool:
-    return is_random(weight) and len(weight.terms) == 1 and isinstance(weight.terms[0].noise, (KronNoise, DenseBlockNoise))
+    return (is_random(weight) and len(weight.terms) == 1
+            and isinstance(weight.terms[0].noise, (KronNoise, DenseBlockNoise)))
 
 
 def _transposed(w):

@@ -30,7 +30,6 @@ diagonal variant); elementwise maps and data movement are kept in both modes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterable, Sequence
 
