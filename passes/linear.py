@@ -19,12 +19,14 @@ parameter tensors.  Weights with correlated entries (Kronecker factors, dense bl
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
 from .moment import (
     MatrixTangent, Moment, Noise, RowCovarianceNoise, Term, WeightUse, _squared, _times, expand_move, is_random,
-    mean_of, merged, permute_move, same_shape,
+    broadcast_to, mean_of, merged, permute_move, same_shape,
 )
 from .registry import RuleContext, register
 from .shared_weight import SharedNoise
@@ -50,8 +52,11 @@ def _is_weight(w: Moment) -> bool:
 
 
 def _shared_of(w: Moment) -> SharedNoise | None:
-    if len(w.terms) == 1 and w.terms[0].shared is not None and w.terms[0].shared.usable_as_right_operand():
-        return w.terms[0].shared
+    """The row-shared record of a projection's output that accounts for every noise of ``w``, if any."""
+    noises = {id(t.noise) for t in w.terms}
+    for t in w.terms:
+        if t.shared is not None and t.shared.usable_as_right_operand() and noises <= t.shared.covers:
+            return t.shared
     return None
 
 
@@ -70,11 +75,23 @@ def product(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float = 1.0,
     if is_random(a):
         left = _as_left(mean_of(w))
         terms.extend(a.left_multiplied(mean, left if alpha == 1.0 else alpha * left).terms)
+    bias_terms = _bias_terms(mean, bias, beta) if is_random(bias) else ()
     if is_random(w):
-        terms.extend(_weight_terms(ctx, mean, a, w, alpha))
-    if is_random(bias):
-        terms.extend(_bias_terms(mean, bias, beta))
+        weight_terms = _weight_terms(ctx, mean, a, w, alpha)
+        if not is_random(a) and len(weight_terms) == 1 and isinstance(weight_terms[0].noise, WeightUse):
+            # a projection of a deterministic input: keep its row-shared record for attention
+            use = weight_terms[0].noise
+            bias_var = None if not bias_terms else _variance_of(mean, bias_terms)[(0,) * (mean.dim() - 1)]
+            shared = SharedNoise.of_projection(use.inputs, use.weight_var, bias_var, None, mean.shape,
+                                               {id(t.noise) for t in (*weight_terms, *bias_terms)})
+            weight_terms = [replace(weight_terms[0], shared=shared)]
+        terms.extend(weight_terms)
+    terms.extend(bias_terms)
     return merged(mean, terms)
+
+
+def _variance_of(mean: Tensor, terms) -> Tensor:
+    return Moment(mean, tuple(terms)).variance()
 
 
 def _weight_terms(ctx: RuleContext, mean: Tensor, a, w: Moment, alpha: float) -> list[Term]:
@@ -130,13 +147,16 @@ def _collapsed_product(ctx: RuleContext, mean: Tensor, a, w, bias, alpha: float,
                 if rest is not None and not ctx.first_order:
                     rest = rest + v_a @ w_var
                 if bias_var is None or bias_var.dim() == 1:
-                    shared = SharedNoise.of_projection(a_mean, w_var, bias_var, rest, mean.shape)
+                    shared = (a_mean, w_var, bias_var, rest, mean.shape)
     if is_random(bias):
         b_var = bias.variance()
         var = _accumulate(var, b_var if beta == 1.0 else beta * beta * b_var)
     if var is None:
         return mean
-    return Moment.diagonal(mean, var.expand(mean.shape), shared=shared)
+    noise = Noise(broadcast_to(var, mean.shape))
+    if shared is not None:
+        shared = SharedNoise.of_projection(*shared, {id(noise)})
+    return Moment(mean, (Term(noise, shared=shared),))
 
 
 def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: Moment, bias) -> Moment:

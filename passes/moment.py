@@ -546,11 +546,9 @@ class Moment:
 
     def scaled(self, mean: Tensor, derivative) -> "Moment":
         """``f(x)`` for an elementwise ``f`` with derivative ``derivative`` (broadcastable to the mean)."""
-        if isinstance(derivative, float) and derivative == 0.0:
-            return mean
-        return Moment(mean, tuple(replace(t, scale=_times(t.scale, derivative), shared=None if not
-                                          (isinstance(derivative, float) and derivative == 1.0) else t.shared)
-                                  for t in self.terms))
+        if isinstance(derivative, float) and derivative in (0.0, 1.0):
+            return mean if derivative == 0.0 else self.with_mean(mean)
+        return Moment(mean, tuple(replace(t, scale=_times(t.scale, derivative), shared=None) for t in self.terms))
 
     def with_mean(self, mean: Tensor) -> "Moment":
         return Moment(mean, self.terms)

@@ -8,7 +8,7 @@ exact until something mixes tokens.  Attention does: ``o_t = sum_s A_ts v_s`` wi
 applied to the attention-averaged inputs, while ``sum_s A_ts^2 Var(v_sd)`` (the paper's equation) is up to
 ``T`` times smaller.
 
-:class:`SharedNoise` rides on the projection's moment (``Moment.shared``) through data movement (head split,
+:class:`SharedNoise` rides on a term of the projection's value (``Term.shared``) through data movement (head split,
 transpose) until a product with a deterministic left operand uses it.  Nothing is computed unless it is used: the
 data-movement ops are recorded and replayed on index tensors only at that product.  Each dimension is tagged with
 where its index comes from (rows of ``x`` or columns of ``W``), so a layout where the formula would not hold (a
@@ -47,11 +47,12 @@ class SharedNoise:
     shape: tuple
     tags: Tags
     moves: tuple[Callable[[Tensor], Tensor], ...] = field(default=())
+    covers: frozenset = field(default=frozenset())  # the ids of the noises this record accounts for
 
     @classmethod
-    def of_projection(cls, inputs: Tensor, weight_var: Tensor, bias_var, rest, out_shape) -> "SharedNoise":
+    def of_projection(cls, inputs: Tensor, weight_var: Tensor, bias_var, rest, out_shape, covers) -> "SharedNoise":
         tags = tuple(frozenset({ROW}) for _ in out_shape[:-1]) + (frozenset({COL}),)
-        return cls(inputs, weight_var, bias_var, rest, tuple(out_shape), tags)
+        return cls(inputs, weight_var, bias_var, rest, tuple(out_shape), tags, covers=frozenset(covers))
 
     def moved(self, move: Callable[[Tensor], Tensor], tags: Tags | None) -> "SharedNoise | None":
         return None if tags is None else replace(self, moves=self.moves + (move,), tags=tags)
