@@ -587,19 +587,25 @@ class Moment:
 
     def left_multiplied(self, mean: Tensor, left: Tensor) -> "Moment":
         """``left @ x`` over the last dimension, ``left`` (..., C_out, C) deterministic: ``J <- left diag(s) J``."""
-        terms = []
+        terms, maps = [], {}  # terms that shared a map share the extended one (their covariance is formed once)
         for t in self.terms:
             t = settled(t, self.mean)
             if t is None:
                 continue
+            scale_key = id(t.scale) if isinstance(t.scale, Tensor) else t.scale
             if t.jacobian is None:
-                layout, selections = _canonical_root(t, left)
-                scale = None if isinstance(t.scale, float) and t.scale == 1.0 else t.scale
-                jacobian = MatrixTangent(selections + (left,), (None,) * len(selections) + (scale, None))
+                layout, cuts = _canonical_root(t, left)
+                key = (None, scale_key, t.layout.key[len(layout.moves):])
+                if key not in maps:
+                    selections = tuple(_selection(move, left) for move, _ in cuts)
+                    scale = None if isinstance(t.scale, float) and t.scale == 1.0 else t.scale
+                    maps[key] = MatrixTangent(selections + (left,), (None,) * len(selections) + (scale, None))
                 t = replace(t, layout=layout)
             else:
-                jacobian = t.jacobian.scaled(t.scale).then(left)
-            terms.append(Term(t.noise, t.layout, jacobian))
+                key = (id(t.jacobian), scale_key)
+                if key not in maps:
+                    maps[key] = t.jacobian.scaled(t.scale).then(left)
+            terms.append(Term(t.noise, t.layout, maps[key]))
         return merged(mean, terms, densify=True)
 
     def plus(self, *terms: Term) -> "Moment":
@@ -743,14 +749,15 @@ def _selection(move: Move, like: Tensor) -> Tensor:
     return F.pad(torch.eye(size, dtype=like.dtype, device=like.device), [0, 0, before, after])
 
 
-def _canonical_root(t: Term, like: Tensor) -> tuple[Layout, tuple[Tensor, ...]]:
-    """The root layout without its trailing slices and pads of the last dimension, and their selection matrices
-    (innermost first): maps of one noise cut into pieces (a GRU's gates) then share one root and add."""
+def _canonical_root(t: Term, like: Tensor) -> tuple[Layout, tuple[tuple[Move, int], ...]]:
+    """The root layout without its trailing slices and pads of the last dimension, and those cuts (innermost
+    first; each becomes a selection matrix): maps of one noise cut into pieces (a GRU's gates) then share one root
+    and add."""
     moves = list(t.layout.moves)
-    selections: list[Tensor] = []
+    cuts: list[tuple[Move, int]] = []
     while moves and _cuts_last(moves[-1][0]):
-        selections.insert(0, _selection(moves.pop()[0], like))
-    return Layout(tuple(moves)), tuple(selections)
+        cuts.insert(0, moves.pop())
+    return Layout(tuple(moves)), tuple(cuts)
 
 
 def _dense_per_row(jacobian: MatrixTangent, layout: Layout, noise: Noise) -> Tensor:
@@ -901,13 +908,38 @@ def _grouped(terms: Sequence[Term]) -> list[list[Term]]:
     return list(groups.values())
 
 
+def _pooled(terms: Sequence[Term]) -> list[Term]:
+    """Terms that apply one map to different diagonal noises, as one term on the sum of their root variances
+    (``J diag(v_1) J^T + J diag(v_2) J^T = J diag(v_1 + v_2) J^T``): a weight noise and its bias through the
+    same layers cost one product."""
+    buckets: dict[tuple, list[Term]] = {}
+    out: list[Term] = []
+    for t in terms:
+        if t.jacobian is None or t.noise.row_covariance is not None:
+            out.append(t)
+            continue
+        scale_key = id(t.scale) if isinstance(t.scale, Tensor) else t.scale
+        buckets.setdefault((id(t.jacobian), scale_key), []).append(t)
+    for bucket in buckets.values():
+        if len(bucket) == 1:
+            out.extend(bucket)
+            continue
+        total = None
+        for t in bucket:
+            root = t.layout.apply(t.noise.variance)
+            total = root if total is None else total + root
+        out.append(Term(Noise(total), NO_MOVES, bucket[0].jacobian, NO_MOVES, bucket[0].scale))
+    return out
+
+
 def _variance(mean: Tensor, terms: Sequence[Term]) -> Tensor:
     terms = [s for s in (settled(t, mean) for t in terms) if s is not None]
     total = None
+    for a in _pooled(terms):
+        part = _term_variance(a)
+        total = part if total is None else total + part
     for group in _grouped(terms):
         for i, a in enumerate(group):
-            part = _term_variance(a)
-            total = part if total is None else total + part
             for b in group[i + 1:]:
                 cross = _cross(a, b, mean, full=False)
                 if cross is not None:
@@ -918,10 +950,11 @@ def _variance(mean: Tensor, terms: Sequence[Term]) -> Tensor:
 def _covariance(mean: Tensor, terms: Sequence[Term]) -> Tensor:
     terms = [s for s in (settled(t, mean) for t in terms) if s is not None]
     total = None
+    for a in _pooled(terms):
+        part = _term_covariance(a, mean)
+        total = part if total is None else total + part
     for group in _grouped(terms):
         for i, a in enumerate(group):
-            part = _term_covariance(a, mean)
-            total = part if total is None else total + part
             for b in group[i + 1:]:
                 cross = _cross(a, b, mean, full=True)
                 if cross is not None:

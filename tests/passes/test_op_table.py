@@ -282,6 +282,8 @@ TABLE: list[OpInfo] = [
            name="through the last dim"),
     OpInfo(aten.t.default, sample(lambda s, x: s.value(x).t().exp().t()), FULL),
     OpInfo(aten.unsqueeze.default, sample(lambda s, x: s.value(x).unsqueeze(1))),
+    OpInfo(aten.unsqueeze.default, sample(lambda s, x: s.value(x).unsqueeze(-1).transpose(1, 2).squeeze(1)), FULL,
+           name="features through a last dim of size 1"),
     OpInfo(aten.squeeze.default, sample(lambda s, x: aten.squeeze.default(_h3(s, x)[:, :1]), rank=3)),
     OpInfo(aten.squeeze.dim, sample(lambda s, x: s.value(x).unsqueeze(1).squeeze(1))),
     OpInfo(aten.squeeze.dims, sample(lambda s, x: aten.squeeze.dims(s.value(x).unsqueeze(1), [1]))),
@@ -368,6 +370,9 @@ XFAIL_TODAY: dict[tuple[str, str], str] = {
         _LOST + "a view that moves the features out of it zeroes their covariances: error 30%, ratio 7.5e3",
     ("jacobian", "permute.default[through the last dim]"): _LOST + "error 17%, ratio 6.2e3",
     ("jacobian", "transpose.int[through the last dim]"): _LOST + "error 15%, ratio 6.0e3",
+    ("jacobian", "unsqueeze.default[features through a last dim of size 1]"):
+        _LOST + "(B, H) -> (B, H, 1) -> (B, 1, H) -> (B, H) zeroes the feature covariances: error 33%, ratio 7.7e3 "
+        "(also with the rules of the rewrite as of 2026-12-03 07:20)",
     ("jacobian", "t.default"): _LOST + "h.t().exp().t() zeroes the feature covariances: error 15%, ratio 5.9e3",
     ("jacobian", "cat.default[parts of one value]"):
         "cat of parts cut from one random value drops their cross-covariance (documented in the cat rule): "
@@ -616,7 +621,11 @@ def test_samples_reach_their_op():
             if isinstance(target, torch._ops.OpOverload):
                 found.add((members[j], target.overloadpacket))
         missing += [ENTRIES[i].id for i in members if (i, ENTRIES[i].op) not in found and not ENTRIES[i].unreached]
-    assert not missing, f"samples whose captured graph does not contain their op: {missing}"
+    assert not missing, (
+        f"samples whose captured graph does not contain their op: {missing}; the sample no longer reaches the op, or "
+        "capture decomposes it before any rule sees it (then the rule is dead code: keep the op whole in capture, "
+        "drop the rule, or mark the entry unreached= with the reason)"
+    )
 
 
 @pytest.mark.parametrize("i", _params("jacobian"))
