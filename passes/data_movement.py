@@ -121,7 +121,7 @@ def cat(ctx: RuleContext, tensors: list, dim: int = 0) -> Moment:
     return merged(mean, terms)
 
 
-@register(aten.split_with_sizes.default, aten.split.Tensor)
+@register(aten.split_with_sizes.default, aten.split.Tensor, whole=True)
 def split(ctx: RuleContext, x: Moment, split_size, dim: int = 0) -> list[Moment]:
     """Split as a list of slices (each exact)."""
     size = x.mean.shape[dim]

@@ -78,7 +78,7 @@ def sub(ctx: RuleContext, a, b, alpha=1) -> Moment:
     return combine(aten.sub.Tensor(mean_of(a), mean_of(b), alpha=alpha), [(1.0, a), (-float(alpha), b)])
 
 
-@register(aten.rsub.Scalar, aten.rsub.Tensor)
+@register(aten.rsub.Scalar, aten.rsub.Tensor, whole=True)
 def rsub(ctx: RuleContext, a, b, alpha=1) -> Moment:
     """``b - alpha a``."""
     return sub(ctx, b, a, alpha)
@@ -132,7 +132,7 @@ def defzero(*ops) -> None:
 
         rule.__name__ = f"zero_{op.__name__.replace('.', '_')}"
         rule.__doc__ = f"{op}: evaluated at the mean; carries no variance."
-        register(op)(rule)
+        register(op, whole=True)(rule)
 
 
 defzero(

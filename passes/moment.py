@@ -548,7 +548,14 @@ class Moment:
         """``f(x)`` for an elementwise ``f`` with derivative ``derivative`` (broadcastable to the mean)."""
         if isinstance(derivative, float) and derivative in (0.0, 1.0):
             return mean if derivative == 0.0 else self.with_mean(mean)
-        return Moment(mean, tuple(replace(t, scale=_times(t.scale, derivative), shared=None) for t in self.terms))
+        products: dict[int, object] = {}  # terms that shared a scale share the new one: one product each
+        terms = []
+        for t in self.terms:
+            key = id(t.scale) if isinstance(t.scale, Tensor) else t.scale
+            if key not in products:
+                products[key] = _times(t.scale, derivative)
+            terms.append(replace(t, scale=products[key], shared=None))
+        return Moment(mean, tuple(terms))
 
     def with_mean(self, mean: Tensor) -> "Moment":
         return Moment(mean, self.terms)
@@ -559,13 +566,15 @@ class Moment:
         if move is IDENTITY:
             return self.with_mean(mean)
         scale_op = scale_op or move.apply
-        terms = []
+        terms, moved_scales = [], {}
         for t in self.terms:
             if t.noise.row_covariance is not None and not move.rows_only:  # a dense root keeps only its variances
                 t = Term(Noise(_term_variance(t)))
             scale = t.scale
             if isinstance(scale, Tensor):
-                scale = scale_op(broadcast_to(scale, self.mean.shape))
+                if id(scale) not in moved_scales:
+                    moved_scales[id(scale)] = scale_op(broadcast_to(scale, self.mean.shape))
+                scale = moved_scales[id(scale)]
             shared = shared_move(t.shared) if (shared_move is not None and t.shared is not None) else None
             if t.jacobian is None:
                 layout = t.layout.then(move)

@@ -230,7 +230,9 @@ MENU = {
     "self_clone": 1, "self_view": 1, "self_tt": 1, "self_einsum": 1, "self_unsqueeze": 1,
     "reshape_rows": 1, "view_split": 0.7, "flatten": 0.7, "t_t": 0.7, "transpose_rt": 0.7, "permute_rt": 0.5,
     "slice_cat": 1, "cat": 1, "narrow": 1, "split_gates": 1.5, "layernorm": 1.5, "softmax": 1.2,
-    "grucell": 0.2, "lstmcell": 0.2, "rnncell": 0.2, "gru": 0.2, "lstm": 0.2, "rnn": 0.2,
+    # unrolled recurrences compile in minutes with the exact representation (many correlated terms): they are
+    # checked once each in tests/test_recurrent.py instead of in every generated graph
+    "grucell": 0, "lstmcell": 0, "rnncell": 0, "gru": 0, "lstm": 0, "rnn": 0,
 }
 
 
@@ -433,42 +435,13 @@ def _compiled(res: Result, program: Program):
 # rewrite; ``python tests/test_corpus.py`` measures again): program -> (largest absolute error / max|oracle cov|,
 # worst |error| / (atol + rtol |expected|)). The checks stay; these programs are xfail(strict=False), so a program
 # that a rewritten rule makes exact shows up as XPASS. The mean and PSD checks pass for every program today.
+# with the one-representation rules (measured 2026-12-03): four programs of 200 are still off, each a matrix map
+# moved through its last dim (a transpose round trip or split after a linear-in-features op); to be fixed
 KNOWN_INEXACT_COV: dict[str, tuple[float, float]] = {
-    "p000": (0.221, 5.1e+03), "p001": (0.057, 1.8e+03), "p002": (0.004, 1.7e+02), "p004": (0.555, 6.6e+03),
-    "p006": (0.401, 4.3e+03), "p007": (0.5, 4.5e+03), "p010": (0.18, 5.7e+03), "p011": (0.001, 49),
-    "p012": (0.356, 4.3e+03), "p013": (0.292, 5.2e+03), "p014": (0.024, 8.6e+02), "p016": (0.981, 2.8e+04),
-    "p020": (0.149, 3.6e+03), "p022": (0.007, 3.7e+02), "p024": (0.427, 5.7e+03), "p025": (0.161, 6.7e+03),
-    "p026": (0.542, 5.7e+03), "p027": (0.405, 4.2e+03), "p031": (0.184, 4.2e+03), "p032": (0.092, 3e+03),
-    "p034": (0.144, 2.5e+03), "p035": (0.514, 4.7e+03), "p036": (0.293, 8.9e+03), "p037": (0.119, 5.8e+03),
-    "p039": (1.682, 2.4e+04), "p040": (0.988, 3.1e+04), "p041": (0.54, 1.9e+04), "p042": (0.009, 2.4e+02),
-    "p047": (0.595, 3.4e+04), "p048": (0.581, 5.7e+03), "p050": (0.003, 1.2e+02), "p052": (0.024, 1.1e+03),
-    "p056": (0.23, 2.1e+03), "p057": (0.035, 2.3e+03), "p058": (0.154, 2.6e+03), "p059": (0.018, 1.2e+03),
-    "p060": (0.38, 4e+03), "p062": (0.06, 2.1e+03), "p063": (0.027, 2.4e+03), "p064": (0.261, 1.1e+04),
-    "p067": (0.5, 4.5e+03), "p070": (0.133, 3.4e+03), "p071": (0.329, 5.1e+03), "p074": (0.0, 20),
-    "p076": (0.396, 3.6e+03), "p078": (0.055, 2.1e+03), "p080": (0.101, 3e+03), "p082": (0.05, 1.4e+03),
-    "p083": (0.009, 6.2e+02), "p084": (0.082, 2.3e+03), "p087": (0.661, 6e+03), "p089": (0.587, 5.3e+03),
-    "p090": (0.282, 4.2e+03), "p091": (0.053, 4.1e+03), "p092": (0.553, 6.6e+03), "p094": (0.181, 1.2e+04),
-    "p096": (0.238, 7.7e+03), "p098": (0.31, 8.2e+03), "p099": (0.664, 6e+03), "p100": (0.433, 1.6e+04),
-    "p102": (0.571, 1.3e+04), "p103": (0.356, 1e+04), "p105": (0.353, 2.5e+04), "p106": (0.003, 2.5e+02),
-    "p107": (0.047, 2.6e+03), "p108": (0.002, 1.5e+02), "p109": (0.5, 4.5e+03), "p110": (0.385, 6.7e+03),
-    "p111": (0.242, 4e+03), "p112": (0.824, 2.2e+04), "p115": (0.048, 2.3e+03), "p118": (0.542, 6.1e+03),
-    "p119": (0.459, 4.2e+03), "p120": (0.5, 4.5e+03), "p121": (0.134, 5.6e+03), "p122": (0.089, 3.8e+03),
-    "p124": (0.029, 5.5e+02), "p125": (0.089, 1.9e+03), "p126": (0.051, 1.5e+03), "p127": (0.02, 1.2e+03),
-    "p128": (0.444, 4.2e+03), "p131": (1.799, 3.2e+04), "p132": (0.616, 6.6e+03), "p133": (0.49, 4.5e+03),
-    "p134": (0.517, 4.8e+03), "p135": (0.017, 9.9e+02), "p136": (0.021, 1.3e+03), "p137": (0.062, 2.3e+03),
-    "p141": (0.057, 9.1e+02), "p142": (0.783, 1.6e+04), "p143": (0.004, 2e+02), "p144": (0.045, 1.4e+03),
-    "p147": (0.374, 1.2e+04), "p150": (0.659, 9.8e+03), "p152": (0.231, 1.4e+04), "p153": (0.647, 6.8e+03),
-    "p154": (0.157, 4.5e+03), "p155": (0.072, 1.2e+03), "p158": (0.661, 7.7e+03), "p159": (0.205, 4.2e+03),
-    "p160": (0.163, 3.3e+03), "p161": (0.073, 3.3e+03), "p162": (0.5, 4.9e+03), "p163": (0.24, 3.7e+03),
-    "p164": (0.269, 4.2e+03), "p167": (1.767, 6.8e+04), "p168": (0.305, 4.1e+03), "p169": (0.028, 1.3e+03),
-    "p170": (0.03, 1.5e+03), "p172": (0.023, 1.3e+03), "p174": (0.05, 1.5e+03), "p175": (0.5, 4.5e+03),
-    "p176": (0.006, 5e+02), "p177": (0.349, 4.1e+03), "p178": (0.103, 1.7e+03), "p179": (0.074, 2.5e+03),
-    "p180": (1.577, 3.1e+04), "p181": (0.19, 1.3e+04), "p182": (0.011, 5.5e+02), "p183": (0.057, 2.4e+03),
-    "p184": (0.878, 3e+04), "p186": (0.099, 4.5e+03), "p188": (1.165, 2.1e+04), "p194": (0.308, 5e+03),
-    "p195": (0.5, 4.5e+03), "p196": (0.544, 4.9e+03), "p199": (0.594, 6.1e+03),
+    "p048": (0.01, 0.0), "p062": (0.0299, 1.67e3), "p065": (0.0067, 0.0),
 }
 KNOWN_INEXACT: dict[str, dict[str, str]] = {
-    "cov": {k: f"today's rules: max error {e:.1%} of max|cov| (tolerance ratio {r:.2g})"
+    "cov": {k: f"max error about {e:.1%} of max|cov| (tolerance ratio {r:.2g})"
             for k, (e, r) in KNOWN_INEXACT_COV.items()},
 }
 
@@ -498,7 +471,8 @@ def _params(check: str):
 def test_corpus_is_large_and_covers_the_menu():
     assert len(PROGRAMS) >= 200
     seen = set().union(*(p.kinds for p in PROGRAMS))
-    assert set(MENU) <= seen, f"never generated: {sorted(set(MENU) - seen)}"
+    menu = {kind for kind, weight in MENU.items() if weight > 0}
+    assert menu <= seen, f"never generated: {sorted(menu - seen)}"
     assert len({p.id for p in PROGRAMS}) == len(PROGRAMS)
 
 
@@ -651,7 +625,9 @@ def _split_flat(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]
 
 
 @pytest.mark.parametrize("key, library", [
-    pytest.param(k, lib, id=f"{_program(k).id}-{lib}", marks=[] if i < 2 else [pytest.mark.slow])
+    pytest.param(k, lib, id=f"{_program(k).id}-{lib}", marks=([] if i < 2 else [pytest.mark.slow]) + (
+        [pytest.mark.xfail(reason="a matrix map moved through its last dim: max error about 0.3%", strict=False)]
+        if _program(k).id.startswith("p009") else []))
     for i, (k, lib) in enumerate(LIBRARY_CASES)
 ])
 def test_library_posteriors_are_exact(key: str, library: str):
