@@ -622,10 +622,6 @@ class Moment:
 
     # -- policy ---------------------------------------------------------------------------------------------------
 
-    @property
-    def has_matrix_maps(self) -> bool:
-        return any(t.jacobian is not None for t in self.terms)
-
     def collapsed_matrix_maps(self) -> "Moment":
         """The matrix-mapped terms replaced by one fresh diagonal noise with their exact marginal variance; the
         elementwise terms kept (``covariance="diag"``)."""
@@ -635,10 +631,6 @@ class Moment:
         rest = tuple(t for t in self.terms if t.jacobian is None)
         fresh = Term(Noise(broadcast_to(_variance(self.mean, matrix), self.mean.shape).contiguous()))
         return Moment(self.mean, rest + (fresh,))
-
-    def collapsed(self, shared: "SharedNoise | None" = None) -> "Moment":
-        """One fresh diagonal noise with this value's variance."""
-        return Moment.diagonal(self.mean, self.variance(), shared=shared)
 
     # -- moments --------------------------------------------------------------------------------------------------
 
