@@ -819,7 +819,7 @@ def _term_covariance(t: Term, mean: Tensor) -> Tensor:
         j = jacobian.dense()
         if cov is not None:
             if cols is not None:
-                cov = cov * cols.unsqueeze(-1) * cols.unsqueeze(-2)
+                cov = cov * _row(cols) * _col(cols)
             out = j @ cov @ j.mT
         else:
             v = var if cols is None else var * (cols * cols)
