@@ -103,25 +103,14 @@ def _attention_weights(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     return found
 
 
-def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
-    """``node`` and every node it depends on."""
+def _reachable(node: torch.fx.Node, upstream: bool) -> set[torch.fx.Node]:
+    """``node`` and every node it depends on (``upstream``) or that depends on it."""
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
-def _descendants(node: torch.fx.Node) -> set[torch.fx.Node]:
-    """``node`` and every node that depends on it."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.users)
+            stack.extend(n.all_input_nodes if upstream else n.users)
     return seen
 
 
@@ -173,9 +162,9 @@ class MomentInterpreter(nn.Module):
         # Moments are computed for the model's first output tensor (the logits of a (logits, kl) pair or of a
         # model-output container); nodes that only feed other outputs are skipped.
         self.output_node = _first_output(self.graph)
-        self.needed = _ancestors(self.output_node)
+        self.needed = _reachable(self.output_node, upstream=True)
         self.final_layer = _final_layer(self.graph, self.needed) if config.output_covariance else None
-        self.keeps_maps = _descendants(self.final_layer) if self.final_layer is not None else set()
+        self.keeps_maps = _reachable(self.final_layer, upstream=False) if self.final_layer is not None else set()
         self.attention_weights = _attention_weights(self.graph)
         self.register_buffer("variance_scale", torch.tensor(float(options.variance_scale)))
         if config.likelihood == "regression":

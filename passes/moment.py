@@ -934,32 +934,26 @@ def _pooled(terms: Sequence[Term]) -> list[Term]:
 
 
 def _variance(mean: Tensor, terms: Sequence[Term]) -> Tensor:
-    terms = [s for s in (settled(t, mean) for t in terms) if s is not None]
-    total = None
-    for a in _pooled(terms):
-        part = _term_variance(a)
-        total = part if total is None else total + part
-    for group in _grouped(terms):
-        for i, a in enumerate(group):
-            for b in group[i + 1:]:
-                cross = _cross(a, b, mean, full=False)
-                if cross is not None:
-                    total = total + 2.0 * cross
+    total = _second_moments(mean, terms, full=False)
     return torch.zeros_like(mean) if total is None else total
 
 
 def _covariance(mean: Tensor, terms: Sequence[Term]) -> Tensor:
+    total = _second_moments(mean, terms, full=True)
+    return mean.new_zeros(*mean.shape, mean.shape[-1]) if total is None else total
+
+
+def _second_moments(mean: Tensor, terms: Sequence[Term], full: bool) -> Tensor | None:
+    """Each term's (co)variance (terms that share a map pooled), plus the cross-covariances within noise groups."""
     terms = [s for s in (settled(t, mean) for t in terms) if s is not None]
     total = None
     for a in _pooled(terms):
-        part = _term_covariance(a, mean)
+        part = _term_covariance(a, mean) if full else _term_variance(a)
         total = part if total is None else total + part
     for group in _grouped(terms):
         for i, a in enumerate(group):
             for b in group[i + 1:]:
-                cross = _cross(a, b, mean, full=True)
+                cross = _cross(a, b, mean, full=full)
                 if cross is not None:
-                    total = total + cross + cross.mT
-    if total is None:
-        return mean.new_zeros(*mean.shape, mean.shape[-1])
+                    total = total + (cross + cross.mT if full else 2.0 * cross)
     return total
