@@ -126,7 +126,7 @@ class Move:
             n = len(dims)
             return t.permute(*dims[:-1], *range(n - 1, n - 1 + tail)) if self.rows_only else t.permute(dims)
         if self.kind == "expand":
-            (shape,) = self.args
+            shape = self.args[0]
             if t.dim() - tail + 1 < len(shape):  # broadcast of a tensor with fewer leading dims
                 t = t.reshape(*([1] * (len(shape) - (t.dim() - tail + 1))), *t.shape)
             return t.expand(*shape[:-1], *trailing) if self.rows_only else t.expand(shape)
@@ -170,14 +170,14 @@ def expand_move(shape_in, shape_out) -> Move:
         return reshape_move(shape_in, shape_out)
     rows_only = len(shape_in) > 0 and same_shape(shape_in[-1:], shape_out[-1:])
     key_in, key_out = (shape_in[:-1], shape_out[:-1]) if rows_only else (shape_in, shape_out)
-    return Move("expand", (tuple(shape_out),), rows_only, f"expand{_shape_key(key_in)}->{_shape_key(key_out)}")
+    return Move("expand", (tuple(shape_out), tuple(shape_in)), rows_only, f"expand{_shape_key(key_in)}->{_shape_key(key_out)}")
 
 
 def slice_move(ndim: int, dim: int, start, end, step, size) -> Move:
     """``size``: the size of ``dim`` before the slice (a slice of everything is the identity)."""
     dim = dim % ndim
-    if start in (None, 0) and step == 1 and (end is None or (isinstance(end, int) and isinstance(size, int)
-                                                              and end >= size)):
+    to_the_end = end is None or (isinstance(end, int) and end >= 2**62) or statically_known_true(end >= size)
+    if start in (None, 0) and step == 1 and to_the_end:
         return IDENTITY
     dim = -1 if dim == ndim - 1 else dim  # a cut of the last dim stays on the last dim when rows move
     return Move("slice", (dim, start, end, step, size), dim != -1, f"slice{dim},{start},{end},{step}")
@@ -267,6 +267,86 @@ def _cuts_last(move: Move) -> bool:
     return move.kind in ("slice", "pad") and not move.rows_only
 
 
+def _pushed_through(moves: list[tuple[Move, int]], move: Move, tail: int):
+    """A select or slice after a permute or a pad, applied before it (zeros found sooner, routes compared equal):
+    the new layout, None when it only picks padding, ``_KEEP`` when it cannot be pushed."""
+    last = moves[-1][0]
+    if last.kind == "permute" and not (last.rows_only ^ move.rows_only):
+        dims = last.args[0]
+        prefix = Layout(tuple(moves[:-1])).then(_retargeted(move, dims[move.args[0]]), tail)
+        if prefix is None or move.kind == "slice":
+            return prefix if prefix is None else prefix.then(last, tail)
+        kept = [d for d in dims if d != dims[move.args[0]]]
+        order = [sorted(kept).index(d) for d in kept]
+        return prefix if order == sorted(order) else prefix.then(permute_move(order), tail)
+    if last.kind == "slice" and move.kind == "select" and last.args[0] == move.args[0]:
+        index = _index_in_slice(last, move.args[1])
+        return _KEEP if index is None else Layout(tuple(moves[:-1])).then(select_move_at(move, index), tail)
+    if last.kind == "expand" and move.rows_only and last.rows_only:
+        return _select_through_expand(moves, last, move, tail) if move.kind == "select" else \
+            _slice_through_expand(moves, last, move, tail)
+    if last.kind == "pad" and last.args[0] == move.args[0]:
+        resolved = _through_pad(last, move)
+        if resolved is None or resolved is _KEEP:
+            return resolved
+        return Layout(tuple(moves[:-1])).then(resolved, tail)
+    return _KEEP
+
+
+def select_move_at(move: Move, index) -> Move:
+    """The select ``move`` at another index of the same dim."""
+    dim = move.args[0]
+    return Move("select", (dim, index), move.rows_only, f"select{dim},{index}")
+
+
+def _index_in_slice(cut: Move, index) -> int | None:
+    """Entry ``index`` of the slice ``cut`` as an index of the sliced dim (None where the sizes are not static)."""
+    _, start, end, step, size = cut.args
+    start = start or 0
+    if not (isinstance(index, int) and isinstance(start, int) and start >= 0 and step == 1):
+        return None
+    if index >= 0:
+        return start + index
+    if not (isinstance(end, int) and isinstance(size, int)):
+        return None
+    return min(end, size) + index
+
+
+def _select_through_expand(moves: list[tuple[Move, int]], expand: Move, move: Move, tail: int):
+    """``select(d, i)`` of an expanded tensor: the select of the input (index 0 of a broadcast dim; nothing for a
+    new leading dim), then the expand without ``d``."""
+    shape_out, shape_in = expand.args
+    dim, index = move.args
+    lead = len(shape_out) - len(shape_in)
+    prefix: Layout | None = Layout(tuple(moves[:-1]))
+    if dim >= lead:
+        broadcast = statically_known_true(shape_in[dim - lead] == 1) and not statically_known_true(
+            shape_out[dim] == 1)
+        prefix = prefix.then(select_move(len(shape_in), dim - lead, 0 if broadcast else index), tail)
+        shape_in = (*shape_in[:dim - lead], *shape_in[dim - lead + 1:])
+    shape_out = (*shape_out[:dim], *shape_out[dim + 1:])
+    if prefix is None or same_shape(shape_in, shape_out):
+        return prefix
+    return prefix.then(expand_move(shape_in, shape_out), tail)
+
+
+def _slice_through_expand(moves: list[tuple[Move, int]], expand: Move, move: Move, tail: int):
+    """A slice of a dim the expand created or broadcast: the expand to the shorter size."""
+    shape_out, shape_in = expand.args
+    dim, start, end, step, _ = move.args
+    lead = len(shape_out) - len(shape_in)
+    size = shape_out[dim]
+    if not (all(isinstance(v, int) for v in (start or 0, end, step, size))
+            and (dim < lead or statically_known_true(shape_in[dim - lead] == 1))):
+        return _KEEP
+    length = len(range(size)[slice(start, end, step)])
+    if length == 0:
+        return None
+    shape_out = (*shape_out[:dim], length, *shape_out[dim + 1:])
+    prefix = Layout(tuple(moves[:-1]))
+    return prefix if same_shape(shape_in, shape_out) else prefix.then(expand_move(shape_in, shape_out), tail)
+
+
 @dataclass(frozen=True)
 class Layout:
     """A sequence of moves, each with the ``tail`` it applies with; consecutive reshapes and permutes are
@@ -279,31 +359,14 @@ class Layout:
         if move is IDENTITY:
             return self
         moves = list(self.moves)
-        if moves and moves[-1][1] == tail and move.kind in ("select", "slice"):
-            last = moves[-1][0]
-            if last.kind == "permute" and not (last.rows_only ^ move.rows_only):
-                # select/slice after a permute: on the permuted dim first, then the permute (zeros found sooner)
-                dims = last.args[0]
-                inner = _retargeted(move, dims[move.args[0]])
-                prefix = Layout(tuple(moves[:-1])).then(inner, tail)
-                if prefix is None:
-                    return None
-                if move.kind == "slice":
-                    return prefix.then(last, tail)
-                kept = [d for d in dims if d != dims[move.args[0]]]
-                order = [sorted(kept).index(d) for d in kept]
-                return prefix if order == sorted(order) else prefix.then(permute_move(order), tail)
-            if last.kind == "pad" and last.args[0] == move.args[0]:
-                resolved = _through_pad(last, move)
-                if resolved is not _KEEP:
-                    if resolved is None:
-                        return None
-                    return Layout(tuple(moves[:-1])).then(resolved, tail) if resolved is not IDENTITY else Layout(
-                        tuple(moves[:-1]))
         cuts: list[tuple[Move, int]] = []
         if move.rows_only:  # a move of the rows commutes with slices and pads of the last dim: keep those last
             while moves and _cuts_last(moves[-1][0]) and moves[-1][1] == tail:
                 cuts.insert(0, moves.pop())
+        if moves and moves[-1][1] == tail and move.kind in ("select", "slice"):
+            pushed = _pushed_through(moves, move, tail)
+            if pushed is not _KEEP:
+                return None if pushed is None else Layout(pushed.moves + tuple(cuts))
         if moves and moves[-1][1] == tail and (composed := _composed(moves[-1][0], move)) is not None:
             moves.pop()
             if composed is not IDENTITY:
@@ -394,6 +457,27 @@ class WeightUse(Noise):
         if isinstance(other, WeightUse) and other.source is self.source and other.weight_key == self.weight_key:
             return (self.inputs * other.inputs) @ self.weight_var
         return None
+
+
+class WeightEntries(Noise):
+    """The entries of a random weight (k, m) as one vector (variance ``weight_var`` flattened): the root of the
+    summed map of several uses of the weight (:func:`_summed_weight_uses`).  One per weight and layout, so every
+    summed map of the weight draws on the same noise."""
+
+    def __init__(self, use: WeightUse):
+        super().__init__(use.weight_var.reshape(-1))
+        self.source, self.weight_key = use.source, use.weight_key
+
+    @staticmethod
+    def of(use: WeightUse) -> "WeightEntries":
+        memo = vars(use.source).setdefault("_entries", {})
+        if use.weight_key not in memo:
+            memo[use.weight_key] = WeightEntries(use)
+        return memo[use.weight_key]
+
+    @property
+    def group(self) -> Noise:
+        return self.source
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -615,7 +699,7 @@ class Moment:
                 if key not in maps:
                     maps[key] = t.jacobian.scaled(t.scale).then(left)
             terms.append(Term(t.noise, t.layout, maps[key]))
-        return merged(mean, terms, densify=True)
+        return merged(mean, terms)
 
     def plus(self, *terms: Term) -> "Moment":
         return Moment(self.mean, self.terms + tuple(terms))
@@ -652,14 +736,15 @@ def mean_of(value: object) -> object:
     return value.mean if isinstance(value, Moment) else value
 
 
-def merged(mean: Tensor, terms: Iterable[Term], densify: bool = False) -> Moment | Tensor:
-    """A value from terms: terms of one noise with the same layout and map add (their scales add); with
-    ``densify``, different matrix maps of one noise and root add as dense matrices too (done where a matrix map
-    is extended anyway, so that a recurrent cell's terms do not multiply)."""
+def merged(mean: Tensor, terms: Iterable[Term]) -> Moment | Tensor:
+    """A value from terms, one term per noise and root: uses of one weight are summed onto its entries, maps of
+    one noise are settled onto a common root, and then terms of one noise with the same layout add (their scales
+    where they share a map, else their maps as dense matrices).  So a recurrence carries a bounded number of
+    terms however many steps it has."""
+    terms = _on_common_roots(_summed_weight_uses(list(terms), mean), mean)
     groups: dict[tuple, list[Term]] = {}
     for t in terms:
-        key = t.merge_key if densify else (*t.merge_key, id(t.jacobian))
-        groups.setdefault(key, []).append(t)
+        groups.setdefault(t.merge_key, []).append(t)
     out: list[Term] = []
     for group in groups.values():
         out.extend(group if len(group) == 1 else _merge(group, mean))
@@ -689,6 +774,97 @@ def _merge(group: list[Term], mean: Tensor) -> list[Term]:
         dense = dense if isinstance(s.scale, float) and s.scale == 1.0 else _row(_numeric(s.scale, mean)) * dense
         j = dense if j is None else j + dense
     return [Term(first.noise, settled_terms[0].layout, MatrixTangent.of(j))]
+
+
+_WEIGHT_MAP_BUDGET = 1 << 16  # entries of one row's map of a weight (C * k * m) up to which its uses are summed
+
+
+def _summed_weight_uses(terms: list[Term], mean: Tensor) -> list[Term]:
+    """Several uses of one weight (a recurrent cell's steps, its gates) as one term on the weight's entries, whose
+    map is the sum of the uses' maps; the cross-covariances of the uses are then in that one map.  Uses whose map
+    would be too large per row, or whose layout moves the last dimension, stay apart (crossed when a covariance is
+    formed)."""
+    uses: dict[tuple, list[int]] = {}
+    for i, t in enumerate(terms):
+        if isinstance(t.noise, (WeightUse, WeightEntries)):
+            uses.setdefault((id(t.noise.group), t.noise.weight_key), []).append(i)
+    summed: dict[int, Term | None] = {}
+    for members in uses.values():
+        if len({terms[i].merge_key for i in members}) < 2:
+            continue
+        maps = [_weight_map(terms[i], mean) for i in members]
+        if any(m is False for m in maps):
+            continue
+        present = [m for m in maps if m is not None]
+        total = None
+        for m in present:
+            total = m if total is None else total + m
+        first = members[0]
+        summed.update({i: None for i in members})
+        if total is not None:
+            entries = WeightEntries.of(terms[first].noise) if isinstance(terms[first].noise, WeightUse) else \
+                terms[first].noise
+            width = entries.variance.shape[-1]
+            layout = NO_MOVES.then(expand_move((width,), (*mean.shape[:-1], width)))
+            summed[first] = Term(entries, layout, MatrixTangent.of(total))
+    return [summed[i] if i in summed else t for i, t in enumerate(terms) if summed.get(i, t) is not None]
+
+
+def _on_common_roots(terms: list[Term], mean: Tensor) -> list[Term]:
+    """Terms of a noise that has a matrix map, settled onto the canonical root (moves after the map pushed into it,
+    last-dim cuts of elementwise terms as selection matrices), so maps of one noise on one root add."""
+    mapped = {id(t.noise) for t in terms if t.jacobian is not None}
+    if not mapped:
+        return terms
+    out = []
+    for t in terms:
+        if id(t.noise) in mapped and (t.after or t.jacobian is None):
+            t = settled(t, mean)
+            if t is not None and t.jacobian is None and t.layout.moves and _cuts_last(t.layout.moves[-1][0]):
+                t = _as_selection(t, mean)
+        if t is not None:
+            out.append(t)
+    return out
+
+
+def _as_selection(t: Term, mean: Tensor) -> Term:
+    """An elementwise term whose layout ends in last-dim cuts, as a matrix map (the cuts' selection matrices) on
+    the uncut root."""
+    layout, cuts = _canonical_root(t, mean)
+    selections = tuple(_selection(move, mean) for move, _ in cuts)
+    scale = None if isinstance(t.scale, float) and t.scale == 1.0 else t.scale
+    return Term(t.noise, layout, MatrixTangent(selections, (None,) * len(selections) + (scale,)))
+
+
+def _weight_map(t: Term, mean: Tensor) -> Tensor | None | bool:
+    """The per-row map (..., C, k * m) of a use of a weight ``u = a @ dW`` from the weight's entries:
+    ``D[c, (k, m)] = a_k J[c, m]`` with ``J`` the use's map (scale and cuts included); None for a zero term,
+    False where it cannot be formed."""
+    use = t.noise
+    t = settled(t, mean)
+    if t is None:
+        return None
+    layout, cuts = _canonical_root(t, mean)
+    if not layout.rows_only:
+        return False
+    j = _dense_with_scale(replace(t, layout=layout), mean) if t.jacobian is not None or not cuts else \
+        diagonal_matrix(broadcast_to(_numeric(t.scale, mean) * torch.ones_like(mean), mean.shape))
+    selection = None
+    for move, _ in cuts:
+        cut = _selection(move, mean)
+        selection = cut if selection is None else cut @ selection
+    if selection is not None:
+        j = j @ selection
+    if isinstance(use, WeightEntries):
+        out = j
+    else:
+        k, m = use.weight_var.shape[-2:]
+        if mean.shape[-1] * k * m > _WEIGHT_MAP_BUDGET:
+            return False
+        inputs = layout.apply(use.inputs)
+        out = (inputs.unsqueeze(-2).unsqueeze(-1) * j.unsqueeze(-2)).flatten(-2)
+    rows = (*mean.shape[:-1], *out.shape[-2:])
+    return out if same_shape(out.shape, rows) else out.expand(rows)
 
 
 def combine(mean: Tensor, terms: Sequence[tuple[object, object]]) -> Moment | Tensor:
@@ -725,7 +901,7 @@ def settled(t: Term, mean: Tensor | None = None) -> Term | None:
         elif move.kind in ("slice", "pad"):  # of the last dim: a selection (or embedding) matrix on the left
             jacobian = jacobian.then(_selection(move, jacobian.matrices[-1]))
         elif move.kind == "expand" and statically_known_true(jacobian.out_size == 1):  # copies of one feature
-            (shape,) = move.args
+            shape = move.args[0]
             like = jacobian.matrices[-1]
             jacobian = jacobian.then(torch.ones(shape[-1], 1, dtype=like.dtype, device=like.device))
             current = layout.apply(t.noise.variance).shape[:-1]
@@ -945,7 +1121,7 @@ def _covariance(mean: Tensor, terms: Sequence[Term]) -> Tensor:
 
 def _second_moments(mean: Tensor, terms: Sequence[Term], full: bool) -> Tensor | None:
     """Each term's (co)variance (terms that share a map pooled), plus the cross-covariances within noise groups."""
-    terms = [s for s in (settled(t, mean) for t in terms) if s is not None]
+    terms = [s for s in (settled(t, mean) for t in _summed_weight_uses(list(terms), mean)) if s is not None]
     total = None
     for a in _pooled(terms):
         part = _term_covariance(a, mean) if full else _term_variance(a)
