@@ -251,8 +251,8 @@ class MomentInterpreter(nn.Module):
 
     def _head(self, out: object) -> tuple[torch.Tensor, ...]:
         full = self.config.covariance == "full" or self.config.output_covariance
-        if isinstance(out, Moment):
-            mean, var = out.mean, out.covariance() if full else out.variance()
+        if isinstance(out, Moment):  # rounding can leave a variance slightly negative or a covariance asymmetric
+            mean, var = out.mean, heads.symmetric(out.covariance()) if full else out.variance().clamp_min(0.0)
         else:
             mean = out
             var = out.new_zeros(*out.shape, out.shape[-1]) if full else torch.zeros_like(out)

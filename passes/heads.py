@@ -21,6 +21,11 @@ def diagonal(variance_or_cov: Tensor, full: bool) -> Tensor:
     return torch.diagonal(variance_or_cov, dim1=-2, dim2=-1) if full else variance_or_cov
 
 
+def symmetric(cov: Tensor) -> Tensor:
+    """``(C + C^T) / 2``: a covariance formed as a sum of products is symmetric only up to rounding."""
+    return 0.5 * (cov + cov.mT)
+
+
 def probit(mean: Tensor, variance: Tensor) -> Tensor:
     """Class probabilities by the probit approximation of the softmax-Gaussian integral."""
     return torch.softmax(mean * torch.rsqrt(1.0 + (math.pi / 8.0) * variance), dim=-1)

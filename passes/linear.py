@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from .moment import (
-    MatrixTangent, Moment, Noise, RowCovarianceNoise, Term, WeightUse, _squared, _times, expand_move, is_random,
-    broadcast_to, mean_of, merged, permute_move, same_shape,
+    MatrixTangent, Moment, Noise, RowCovarianceNoise, Term, WeightUse, _squared, _times, broadcast_to, expand_move,
+    is_random, mean_of, merged, permute_move, same_shape, squares_times,
 )
 from .registry import RuleContext, register
 from .shared_weight import SharedNoise
@@ -138,8 +138,8 @@ def _collapsed_product(ctx: RuleContext, mean: Tensor, a, w, bias, alpha: float,
             var = _accumulate(var, shared_in.averaged_variance(a_mean if alpha == 1.0 else alpha * a_mean))
         else:
             w_var = w.variance()
-            second = a_mean * a_mean if (v_a is None or ctx.first_order) else a_mean * a_mean + v_a
-            var = _accumulate(var, second @ w_var if scale == 1.0 else scale * (second @ w_var))
+            part = squares_times(a_mean, w_var, extra=None if (v_a is None or ctx.first_order) else v_a)
+            var = _accumulate(var, part if scale == 1.0 else scale * part)
             if w_mean.dim() == 2 and alpha == 1.0:
                 bias_var = None
                 if is_random(bias):

@@ -92,6 +92,19 @@ def _times(a, b):
     return a * b
 
 
+def squares_times(a: Tensor, weight_var: Tensor, b: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
+    """``(a * b + extra) @ weight_var`` (``b`` defaults to ``a``) without overflow where the result fits: ``a`` and
+    ``b`` are divided by their largest magnitude per row first (an input of 1e20 squares to inf in float32, while
+    its variance under a weight of variance 1e-6 is 1e34)."""
+    b = a if b is None else b
+    sa = a.abs().amax(-1, keepdim=True).clamp_min(1.0)
+    sb = sa if b is a else b.abs().amax(-1, keepdim=True).clamp_min(1.0)
+    product = (a / sa) * (b / sb)
+    if extra is not None:
+        product = product + (extra / sa) / sb
+    return ((product @ weight_var) * sa) * sb
+
+
 def _plus(a, b, like: Tensor):
     return _numeric(a, like) + _numeric(b, like)
 
@@ -444,7 +457,7 @@ class WeightUse(Noise):
     @property
     def variance(self) -> Tensor:
         if self._cached is None:
-            self._cached = (self.inputs * self.inputs) @ self.weight_var
+            self._cached = squares_times(self.inputs, self.weight_var)
         return self._cached
 
     @property
@@ -455,7 +468,7 @@ class WeightUse(Noise):
         if other is self:
             return self.variance
         if isinstance(other, WeightUse) and other.source is self.source and other.weight_key == self.weight_key:
-            return (self.inputs * other.inputs) @ self.weight_var
+            return squares_times(self.inputs, self.weight_var, other.inputs)
         return None
 
 
@@ -699,7 +712,7 @@ class Moment:
                 if key not in maps:
                     maps[key] = t.jacobian.scaled(t.scale).then(left)
             terms.append(Term(t.noise, t.layout, maps[key]))
-        return merged(mean, terms)
+        return merged(mean, terms, onto_maps=True)
 
     def plus(self, *terms: Term) -> "Moment":
         return Moment(self.mean, self.terms + tuple(terms))
@@ -736,12 +749,13 @@ def mean_of(value: object) -> object:
     return value.mean if isinstance(value, Moment) else value
 
 
-def merged(mean: Tensor, terms: Iterable[Term]) -> Moment | Tensor:
-    """A value from terms, one term per noise and root: uses of one weight are summed onto its entries, maps of
-    one noise are settled onto a common root, and then terms of one noise with the same layout add (their scales
-    where they share a map, else their maps as dense matrices).  So a recurrence carries a bounded number of
-    terms however many steps it has."""
-    terms = _on_common_roots(_summed_weight_uses(list(terms), mean), mean)
+def merged(mean: Tensor, terms: Iterable[Term], onto_maps: bool = False) -> Moment | Tensor:
+    """A value from terms: terms of one noise with the same layout add (their scales where they share a map,
+    else their maps as dense matrices).  ``onto_maps`` (where a matrix map is formed anyway): uses of one weight
+    are first summed onto its entries and the maps of one noise settled onto a common root, so a recurrence
+    carries a bounded number of terms however many steps it has.  Elsewhere elementwise terms stay elementwise:
+    a matrix map cannot follow its last dimension into the rows (a ``stack``), an elementwise term can."""
+    terms = _on_common_roots(_summed_weight_uses(list(terms), mean, onto_maps), mean, onto_maps)
     groups: dict[tuple, list[Term]] = {}
     for t in terms:
         groups.setdefault(t.merge_key, []).append(t)
@@ -779,11 +793,11 @@ def _merge(group: list[Term], mean: Tensor) -> list[Term]:
 _WEIGHT_MAP_BUDGET = 1 << 16  # entries of one row's map of a weight (C * k * m) up to which its uses are summed
 
 
-def _summed_weight_uses(terms: list[Term], mean: Tensor) -> list[Term]:
+def _summed_weight_uses(terms: list[Term], mean: Tensor, onto_maps: bool = True) -> list[Term]:
     """Several uses of one weight (a recurrent cell's steps, its gates) as one term on the weight's entries, whose
     map is the sum of the uses' maps; the cross-covariances of the uses are then in that one map.  Uses whose map
     would be too large per row, or whose layout moves the last dimension, stay apart (crossed when a covariance is
-    formed)."""
+    formed); without ``onto_maps``, so do uses of which one is still elementwise."""
     uses: dict[tuple, list[int]] = {}
     for i, t in enumerate(terms):
         if isinstance(t.noise, (WeightUse, WeightEntries)):
@@ -791,6 +805,8 @@ def _summed_weight_uses(terms: list[Term], mean: Tensor) -> list[Term]:
     summed: dict[int, Term | None] = {}
     for members in uses.values():
         if len({terms[i].merge_key for i in members}) < 2:
+            continue
+        if not onto_maps and any(terms[i].jacobian is None or not _settles(terms[i]) for i in members):
             continue
         maps = [_weight_map(terms[i], mean) for i in members]
         if any(m is False for m in maps):
@@ -810,14 +826,18 @@ def _summed_weight_uses(terms: list[Term], mean: Tensor) -> list[Term]:
     return [summed[i] if i in summed else t for i, t in enumerate(terms) if summed.get(i, t) is not None]
 
 
-def _on_common_roots(terms: list[Term], mean: Tensor) -> list[Term]:
-    """Terms of a noise that has a matrix map, settled onto the canonical root (moves after the map pushed into it,
-    last-dim cuts of elementwise terms as selection matrices), so maps of one noise on one root add."""
+def _on_common_roots(terms: list[Term], mean: Tensor, onto_maps: bool) -> list[Term]:
+    """Terms of a noise that has a matrix map, settled onto the canonical root (moves after the map pushed into it;
+    with ``onto_maps`` last-dim cuts of elementwise terms as selection matrices too), so maps of one noise on one
+    root add.  A map whose moves cannot be pushed without collapsing it is left as it is."""
     mapped = {id(t.noise) for t in terms if t.jacobian is not None}
     if not mapped:
         return terms
     out = []
     for t in terms:
+        if t.jacobian is None and not onto_maps or t.jacobian is not None and not _settles(t):
+            out.append(t)
+            continue
         if id(t.noise) in mapped and (t.after or t.jacobian is None):
             t = settled(t, mean)
             if t is not None and t.jacobian is None and t.layout.moves and _cuts_last(t.layout.moves[-1][0]):
@@ -825,6 +845,12 @@ def _on_common_roots(terms: list[Term], mean: Tensor) -> list[Term]:
         if t is not None:
             out.append(t)
     return out
+
+
+def _settles(t: Term) -> bool:
+    """Every move after the term's map can be pushed into it (rows, last-dim cuts, copies of one feature)."""
+    return all(m.rows_only or m.kind in ("slice", "pad") or m.kind == "expand" and statically_known_true(
+        t.jacobian.out_size == 1) for m, _ in t.after.moves)
 
 
 def _as_selection(t: Term, mean: Tensor) -> Term:

@@ -38,6 +38,33 @@ def test_recurrent_layer_glm_full_is_the_exact_linearisation(cell):
     torch.testing.assert_close(cov.double(), expected.double(), rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 
 
+class RandomInputs(nn.Module):
+    """A random layer feeds the recurrence: its steps are ``stack([h, tanh(h), h])`` (a ``cat`` and a view that
+    moves features into the time axis), so the input noise and both weights meet at every step."""
+
+    def __init__(self, cell: type[nn.Module]):
+        super().__init__()
+        self.encode = nn.Linear(3, 3)
+        self.rnn = cell(3, 4, batch_first=True)
+
+    def forward(self, x):
+        h = self.encode(x)
+        out, _ = self.rnn(torch.stack([h, torch.tanh(h), h], dim=1))
+        return out[:, -1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM, nn.RNN])
+def test_recurrence_of_random_inputs_glm_full_is_the_exact_linearisation(cell):
+    torch.manual_seed(0)
+    model = RandomInputs(cell).eval()
+    posterior = {n: torch.full_like(p, 1e-3) for n, p in model.named_parameters()}
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    _, cov = mp.compile(model, posterior, (x[:2],), covariance="full", predictive="glm")(x)
+    _, expected = jacobian_covariance(model, posterior, x)
+    torch.testing.assert_close(cov.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM, nn.RNN])
 def test_recurrent_layer_diag_suq_is_close_to_monte_carlo(cell):
