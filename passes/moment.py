@@ -183,7 +183,8 @@ def expand_move(shape_in, shape_out) -> Move:
         return reshape_move(shape_in, shape_out)
     rows_only = len(shape_in) > 0 and same_shape(shape_in[-1:], shape_out[-1:])
     key_in, key_out = (shape_in[:-1], shape_out[:-1]) if rows_only else (shape_in, shape_out)
-    return Move("expand", (tuple(shape_out), tuple(shape_in)), rows_only, f"expand{_shape_key(key_in)}->{_shape_key(key_out)}")
+    key = f"expand{_shape_key(key_in)}->{_shape_key(key_out)}"
+    return Move("expand", (tuple(shape_out), tuple(shape_in)), rows_only, key)
 
 
 def slice_move(ndim: int, dim: int, start, end, step, size) -> Move:
