@@ -756,10 +756,12 @@ def merged(mean: Tensor, terms: Iterable[Term], onto_maps: bool = False) -> Mome
     are first summed onto its entries and the maps of one noise settled onto a common root, so a recurrence
     carries a bounded number of terms however many steps it has.  Elsewhere elementwise terms stay elementwise:
     a matrix map cannot follow its last dimension into the rows (a ``stack``), an elementwise term can."""
-    terms = _on_common_roots(_summed_weight_uses(list(terms), mean, onto_maps), mean, onto_maps)
+    terms = list(terms)
+    if onto_maps:
+        terms = _on_common_roots(_summed_weight_uses(terms, mean), mean, onto_maps)
     groups: dict[tuple, list[Term]] = {}
     for t in terms:
-        groups.setdefault(t.merge_key, []).append(t)
+        groups.setdefault(t.merge_key if onto_maps else (*t.merge_key, id(t.jacobian)), []).append(t)
     out: list[Term] = []
     for group in groups.values():
         out.extend(group if len(group) == 1 else _merge(group, mean))
