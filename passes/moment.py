@@ -164,6 +164,8 @@ def _shape_key(shape) -> str:
 
 
 def reshape_move(shape_in, shape_out) -> Move:
+    if same_shape(shape_in, shape_out):
+        return IDENTITY
     rows_only = len(shape_in) > 0 and len(shape_out) > 0 and same_shape(shape_in[-1:], shape_out[-1:])
     key_in, key_out = (shape_in[:-1], shape_out[:-1]) if rows_only else (shape_in, shape_out)
     return Move("reshape", (tuple(shape_in), tuple(shape_out)), rows_only,
@@ -758,7 +760,7 @@ def merged(mean: Tensor, terms: Iterable[Term], onto_maps: bool = False) -> Mome
     a matrix map cannot follow its last dimension into the rows (a ``stack``), an elementwise term can."""
     terms = list(terms)
     if onto_maps:
-        terms = _on_common_roots(_summed_weight_uses(terms, mean), mean, onto_maps)
+        terms = _on_common_roots(_summed_weight_uses(terms, mean), mean)
     groups: dict[tuple, list[Term]] = {}
     for t in terms:
         groups.setdefault(t.merge_key if onto_maps else (*t.merge_key, id(t.jacobian)), []).append(t)
@@ -796,11 +798,10 @@ def _merge(group: list[Term], mean: Tensor) -> list[Term]:
 _WEIGHT_MAP_BUDGET = 1 << 16  # entries of one row's map of a weight (C * k * m) up to which its uses are summed
 
 
-def _summed_weight_uses(terms: list[Term], mean: Tensor, onto_maps: bool = True) -> list[Term]:
+def _summed_weight_uses(terms: list[Term], mean: Tensor) -> list[Term]:
     """Several uses of one weight (a recurrent cell's steps, its gates) as one term on the weight's entries, whose
     map is the sum of the uses' maps; the cross-covariances of the uses are then in that one map.  Uses whose map
-    would be too large per row, or whose layout moves the last dimension, stay apart (crossed when a covariance is
-    formed); without ``onto_maps``, so do uses of which one is still elementwise."""
+    would be too large per row stay apart (crossed when a covariance is formed)."""
     uses: dict[tuple, list[int]] = {}
     for i, t in enumerate(terms):
         if isinstance(t.noise, (WeightUse, WeightEntries)):
@@ -809,9 +810,9 @@ def _summed_weight_uses(terms: list[Term], mean: Tensor, onto_maps: bool = True)
     for members in uses.values():
         if len({terms[i].merge_key for i in members}) < 2:
             continue
-        if not onto_maps and any(terms[i].jacobian is None or not _settles(terms[i]) for i in members):
-            continue
-        maps = [_weight_map(terms[i], mean) for i in members]
+        # once a weight has summed uses, every later use joins them: a summed map and a separate use never cross
+        force = any(isinstance(terms[i].noise, WeightEntries) for i in members)
+        maps = [_weight_map(terms[i], mean, force) for i in members]
         if any(m is False for m in maps):
             continue
         present = [m for m in maps if m is not None]
@@ -829,16 +830,16 @@ def _summed_weight_uses(terms: list[Term], mean: Tensor, onto_maps: bool = True)
     return [summed[i] if i in summed else t for i, t in enumerate(terms) if summed.get(i, t) is not None]
 
 
-def _on_common_roots(terms: list[Term], mean: Tensor, onto_maps: bool) -> list[Term]:
-    """Terms of a noise that has a matrix map, settled onto the canonical root (moves after the map pushed into it;
-    with ``onto_maps`` last-dim cuts of elementwise terms as selection matrices too), so maps of one noise on one
-    root add.  A map whose moves cannot be pushed without collapsing it is left as it is."""
+def _on_common_roots(terms: list[Term], mean: Tensor) -> list[Term]:
+    """Terms of a noise that has a matrix map, settled onto the canonical root (moves after the map pushed into it,
+    last-dim cuts of elementwise terms as selection matrices), so maps of one noise on one root add.  A map whose
+    moves cannot be pushed without collapsing it is left as it is."""
     mapped = {id(t.noise) for t in terms if t.jacobian is not None}
     if not mapped:
         return terms
     out = []
     for t in terms:
-        if t.jacobian is None and not onto_maps or t.jacobian is not None and not _settles(t):
+        if t.jacobian is not None and not _settles(t):
             out.append(t)
             continue
         if id(t.noise) in mapped and (t.after or t.jacobian is None):
@@ -865,17 +866,27 @@ def _as_selection(t: Term, mean: Tensor) -> Term:
     return Term(t.noise, layout, MatrixTangent(selections, (None,) * len(selections) + (scale,)))
 
 
-def _weight_map(t: Term, mean: Tensor) -> Tensor | None | bool:
+def _weight_map(t: Term, mean: Tensor, force: bool = False) -> Tensor | None | bool:
     """The per-row map (..., C, k * m) of a use of a weight ``u = a @ dW`` from the weight's entries:
     ``D[c, (k, m)] = a_k J[c, m]`` with ``J`` the use's map (scale and cuts included); None for a zero term,
-    False where it cannot be formed."""
+    False where it is over the budget (unless ``force``) or cannot be formed."""
     use = t.noise
     t = settled(t, mean)
     if t is None:
         return None
+    if not isinstance(use, WeightEntries):
+        k, m = use.weight_var.shape[-2:]
+        if not force and mean.shape[-1] * k * m > _WEIGHT_MAP_BUDGET:
+            return False
     layout, cuts = _canonical_root(t, mean)
-    if not layout.rows_only:
-        return False
+    if not layout.rows_only:  # entries found by moving index tensors (a transpose of the features, say)
+        if isinstance(use, WeightEntries):
+            return False
+        _, cols, inputs = _located(t.layout, use, mean)
+        column = (cols.unsqueeze(-1) == torch.arange(1, m + 1, device=mean.device)).to(mean.dtype)
+        out = _dense_with_scale(t, mean) @ (inputs.unsqueeze(-1) * column.unsqueeze(-2)).flatten(-2)
+        rows = (*mean.shape[:-1], *out.shape[-2:])
+        return out if same_shape(out.shape, rows) else out.expand(rows)
     j = _dense_with_scale(replace(t, layout=layout), mean) if t.jacobian is not None or not cuts else \
         diagonal_matrix(broadcast_to(_numeric(t.scale, mean) * torch.ones_like(mean), mean.shape))
     selection = None
@@ -887,9 +898,6 @@ def _weight_map(t: Term, mean: Tensor) -> Tensor | None | bool:
     if isinstance(use, WeightEntries):
         out = j
     else:
-        k, m = use.weight_var.shape[-2:]
-        if mean.shape[-1] * k * m > _WEIGHT_MAP_BUDGET:
-            return False
         inputs = layout.apply(use.inputs)
         out = (inputs.unsqueeze(-2).unsqueeze(-1) * j.unsqueeze(-2)).flatten(-2)
     rows = (*mean.shape[:-1], *out.shape[-2:])
@@ -1069,24 +1077,26 @@ def _cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor | None:
     return cross if full else torch.diagonal(cross, dim1=-2, dim2=-1)
 
 
+def _located(layout: Layout, use: WeightUse, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each entry of ``layout(a @ dW)`` comes from: its row of ``a`` and its column ``m`` (1-based, 0 for
+    padding; index tensors moved with the layout), and that row's input ``a_r`` (zeros for padding)."""
+    rows_shape = use.inputs.shape[:-1]
+    width = use.weight_var.shape[-1]
+    shape = (*rows_shape, width)
+    rows = torch.arange(1, use.inputs[..., 0].numel() + 1, device=like.device).reshape(*rows_shape, 1)
+    cols = torch.arange(1, width + 1, device=like.device)
+    r, c = layout.apply(rows.expand(shape)), layout.apply(cols.expand(shape))
+    gathered = F.embedding((r - 1).clamp_min(0), use.inputs.reshape(-1, use.inputs.shape[-1]))
+    return r, c, gathered * (r > 0).unsqueeze(-1).to(like.dtype)
+
+
 def _weight_use_cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor:
     """Two uses of one weight laid out differently (a recurrent cell's time steps): entries ``(r, m)`` and
     ``(r', m')`` meet where ``m = m'``, with ``Cov = sum_k a_rk b_r'k S_km``; rows and columns are found by moving
     index tensors with each layout (0 marks padding)."""
-    na, nb = a.noise, b.noise
-
-    def located(t: Term, noise: WeightUse) -> tuple[Tensor, Tensor, Tensor]:
-        rows_shape = noise.inputs.shape[:-1]
-        width = noise.weight_var.shape[-1]
-        shape = (*rows_shape, width)
-        rows = torch.arange(1, noise.inputs[..., 0].numel() + 1, device=mean.device).reshape(*rows_shape, 1)
-        cols = torch.arange(1, width + 1, device=mean.device)
-        r, c = t.layout.apply(rows.expand(shape)), t.layout.apply(cols.expand(shape))
-        gathered = F.embedding((r - 1).clamp_min(0), noise.inputs.reshape(-1, noise.inputs.shape[-1]))
-        return r, c, gathered * (r > 0).unsqueeze(-1).to(mean.dtype)
-
-    ra, ca, xa = located(a, na)
-    rb, cb, xb = located(b, nb)
+    na = a.noise
+    _, ca, xa = _located(a.layout, na, mean)
+    _, cb, xb = _located(b.layout, b.noise, mean)
     weight = F.embedding((ca - 1).clamp_min(0), na.weight_var.mT)  # S[:, m] per entry
     if a.jacobian is None and b.jacobian is None and not full:
         same = ((ca == cb) & (ca > 0)).to(mean.dtype)
