@@ -548,9 +548,12 @@ def onnx_for(i: int) -> tuple[BlockResult, torch.Tensor, dict] | Exception:
     return onnx_block(_halving(i, "onnx", lambda b: not isinstance(onnx_block(b), Exception)))
 
 
-def _fail_if_not_compiled(res: BlockResult, entry: OpInfo) -> None:
+def compiled_result(i: int, oracle: str) -> tuple[OpInfo, BlockResult, object]:
+    """Entry ``i``, its block's result under ``oracle`` and the entry's output columns; fails when compiling did."""
+    entry, res = ENTRIES[i], result_for(i, oracle)
     if isinstance(res.compiled, Exception):
         pytest.fail(f"{entry.id}: compiling failed: {type(res.compiled).__name__}: {res.compiled}")
+    return entry, res, res.columns[i]
 
 
 def _params(oracle: str):
@@ -630,10 +633,7 @@ def test_samples_reach_their_op():
 
 @pytest.mark.parametrize("i", _params("jacobian"))
 def test_glm_full_equals_the_jacobian_oracle(i: int):
-    entry = ENTRIES[i]
-    res = result_for(i, "jacobian")
-    _fail_if_not_compiled(res, entry)
-    cols = res.columns[i]
+    entry, res, cols = compiled_result(i, "jacobian")
     problem = compare_close(res.mean[..., cols], res.plain[..., cols], rtol=1e-5, atol_scale=1e-5)
     assert problem is None, f"{entry.id}: mean vs the plain forward pass: {problem}"
     out, cov = res.oracle
@@ -646,10 +646,7 @@ def test_glm_full_equals_the_jacobian_oracle(i: int):
 
 @pytest.mark.parametrize("i", _params("mc"))
 def test_diag_suq_matches_monte_carlo(i: int):
-    entry = ENTRIES[i]
-    res = result_for(i, "mc")
-    _fail_if_not_compiled(res, entry)
-    cols = res.columns[i]
+    entry, res, cols = compiled_result(i, "mc")
     _, mc_var, _ = res.oracle
     assert (res.var[..., cols] >= 0).all(), f"{entry.id}: negative variance"
     err = median_relative_error(res.var[..., cols], mc_var[..., cols])
