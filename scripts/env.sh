@@ -1,4 +1,4 @@
-# Sourced by scripts/test and scripts/demo: the virtual environment .venv, created only where it is missing (a
+# Sourced by scripts/setup and scripts/demo: the virtual environment .venv, created only where it is missing (a
 # developer's own environment is never deleted), with the same CPU torch pinned first so that pip does not pull a
 # CUDA build.
 set -euo pipefail
