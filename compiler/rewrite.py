@@ -163,8 +163,8 @@ class MomentInterpreter(nn.Module):
         # model-output container); nodes that only feed other outputs are skipped.
         self.output_node = _first_output(self.graph)
         self.needed = _reachable(self.output_node, upstream=True)
-        self.final_layer = _final_layer(self.graph, self.needed) if config.output_covariance else None
-        self.keeps_maps = _reachable(self.final_layer, upstream=False) if self.final_layer is not None else set()
+        final_layer = _final_layer(self.graph, self.needed) if config.output_covariance else None
+        self.keeps_maps = _reachable(final_layer, upstream=False) if final_layer is not None else set()
         self.attention_weights = _attention_weights(self.graph)
         self.register_buffer("variance_scale", torch.tensor(float(options.variance_scale)))
         if config.likelihood == "regression":
@@ -250,7 +250,7 @@ class MomentInterpreter(nn.Module):
         return self._head(env[self.output_node])
 
     def _head(self, out: object) -> tuple[torch.Tensor, ...]:
-        full = self.config.covariance == "full" or self.config.output_covariance
+        full = self.config.returns_covariance
         if isinstance(out, Moment):  # rounding can leave a variance slightly negative or a covariance asymmetric
             mean, var = out.mean, heads.symmetric(out.covariance()) if full else out.variance().clamp_min(0.0)
         else:
