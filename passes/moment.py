@@ -870,6 +870,8 @@ def _weight_map(t: Term, mean: Tensor) -> Tensor | None | bool:
     t = settled(t)
     if t is None:
         return None
+    if t.noise is not use:  # collapsed when settled (its features moved where a map cannot follow)
+        return False
     layout, cuts = _canonical_root(t)
     if not layout.rows_only:  # entries found by moving index tensors (a transpose of the features, say)
         if isinstance(use, WeightEntries):
