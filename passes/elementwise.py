@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .moment import Moment, RowCovarianceNoise, combine, is_random, mean_of
+from .moment import Moment, Noise, RowCovarianceNoise, combine, is_random, mean_of
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -144,4 +144,4 @@ defzero(
     aten.empty_like.default, aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
 )
 
-__all__ = ["add", "defbilinear", "defzero", "div", "mul", "neg", "sub", "where"]
+__all__ = ["Noise", "add", "defbilinear", "defzero", "div", "mul", "neg", "sub", "where"]

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from .moment import (
-    MatrixTangent, Moment, Noise, RowCovarianceNoise, Term, WeightUse, _scale_key, _squared, _times, broadcast_to,
-    is_random, mean_of, merged, permute_move, squares_times,
+    MatrixTangent, Moment, Noise, RowCovarianceNoise, Term, WeightUse, _squared, _times, broadcast_to, expand_move,
+    is_random, mean_of, merged, permute_move, same_shape, squares_times,
 )
 from .registry import RuleContext, register
 from .shared_weight import SharedNoise
@@ -61,8 +61,10 @@ def _shared_of(w: Moment) -> SharedNoise | None:
 
 
 def _bias_terms(mean: Tensor, bias: Moment, beta: float) -> tuple[Term, ...]:
-    bias = bias.broadcast_to(mean.shape)
-    return bias.scaled(mean, beta).terms if beta != 1.0 else bias.terms
+    if not same_shape(bias.mean.shape, mean.shape):
+        bias = bias.moved(mean, expand_move(bias.mean.shape, mean.shape))
+    moved = bias
+    return moved.scaled(mean, beta).terms if beta != 1.0 else moved.terms
 
 
 def product(ctx: RuleContext, mean: Tensor, a, w, bias=None, alpha: float = 1.0, beta: float = 1.0):
@@ -96,14 +98,18 @@ def _weight_terms(ctx: RuleContext, mean: Tensor, a, w: Moment, alpha: float) ->
     a_mean = mean_of(a)
     inputs = a_mean if alpha == 1.0 else alpha * a_mean
     if _is_weight(w):
-        terms, total_var = [], None
+        terms, second = [], None
         for t in w.terms:
-            weight_var = _times(_squared(t.scale), t.layout.apply(t.noise.variance))
-            terms.append(Term(WeightUse(t.noise, inputs, weight_var, (t.layout.key, _scale_key(t.scale)))))
-            total_var = _accumulate(total_var, weight_var)
-        if is_random(a) and not ctx.first_order:  # the second-order term v_a S, one product for all weight terms
-            part = a.variance() @ total_var
-            terms.append(Term(Noise(part if alpha == 1.0 else (alpha * alpha) * part)))
+            weight_var = t.layout.apply(t.noise.variance)
+            if not (isinstance(t.scale, float) and t.scale == 1.0):
+                weight_var = _times(_squared(t.scale), weight_var)
+            key = (t.layout.key, id(t.scale) if isinstance(t.scale, Tensor) else t.scale)
+            terms.append(Term(WeightUse(t.noise, inputs, weight_var, key)))
+            if is_random(a) and not ctx.first_order:
+                part = a.variance() @ weight_var
+                second = _accumulate(second, part if alpha == 1.0 else (alpha * alpha) * part)
+        if second is not None:
+            terms.append(Term(Noise(second)))
         return terms
     # a computed random right operand (values): its rows mixed by a, taken independent across rows (the paper's
     # sum_s E[a_ts^2] Cov(V_s)), or with their row-shared weight noise where it is known
@@ -122,9 +128,6 @@ def _collapsed_product(ctx: RuleContext, mean: Tensor, a, w, bias, alpha: float,
     a_mean, w_mean = mean_of(a), mean_of(w)
     scale = alpha * alpha
     var, v_a, rest, shared = None, None, None, None
-    bias_var = None
-    if is_random(bias):
-        bias_var = bias.variance() if beta == 1.0 else beta * beta * bias.variance()
     if is_random(a):
         v_a = a.variance()
         rest = v_a @ (w_mean * w_mean)
@@ -138,12 +141,16 @@ def _collapsed_product(ctx: RuleContext, mean: Tensor, a, w, bias, alpha: float,
             part = squares_times(a_mean, w_var, extra=None if (v_a is None or ctx.first_order) else v_a)
             var = _accumulate(var, part if scale == 1.0 else scale * part)
             if w_mean.dim() == 2 and alpha == 1.0:
+                bias_var = None
+                if is_random(bias):
+                    bias_var = bias.variance() if beta == 1.0 else beta * beta * bias.variance()
                 if rest is not None and not ctx.first_order:
                     rest = rest + v_a @ w_var
                 if bias_var is None or bias_var.dim() == 1:
                     shared = (a_mean, w_var, bias_var, rest, mean.shape)
-    if bias_var is not None:
-        var = _accumulate(var, bias_var)
+    if is_random(bias):
+        b_var = bias.variance()
+        var = _accumulate(var, b_var if beta == 1.0 else beta * beta * b_var)
     if var is None:
         return mean
     noise = Noise(broadcast_to(var, mean.shape))

@@ -105,11 +105,6 @@ def squares_times(a: Tensor, weight_var: Tensor, b: Tensor | None = None, extra:
     return ((product @ weight_var) * sa) * sb
 
 
-def _scale_key(scale) -> object:
-    """Terms whose scales have equal keys share one scale (a tensor by identity, a number by value)."""
-    return id(scale) if isinstance(scale, Tensor) else scale
-
-
 def _plus(a, b, like: Tensor):
     return _numeric(a, like) + _numeric(b, like)
 
@@ -525,8 +520,16 @@ class MatrixTangent:
         return MatrixTangent((j,), (None if isinstance(cols, float) and cols == 1.0 else cols, None))
 
     @property
+    def root_size(self) -> int:
+        return self.matrices[0].shape[-1]
+
+    @property
     def out_size(self) -> int:
         return self.matrices[-1].shape[-2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrices[0].dtype
 
     @property
     def is_shared_matrix(self) -> bool:
@@ -648,7 +651,7 @@ class Moment:
         products: dict[int, object] = {}  # terms that shared a scale share the new one: one product each
         terms = []
         for t in self.terms:
-            key = _scale_key(t.scale)
+            key = id(t.scale) if isinstance(t.scale, Tensor) else t.scale
             if key not in products:
                 products[key] = _times(t.scale, derivative)
             terms.append(replace(t, scale=products[key], shared=None))
@@ -657,11 +660,12 @@ class Moment:
     def with_mean(self, mean: Tensor) -> "Moment":
         return Moment(mean, self.terms)
 
-    def moved(self, mean: Tensor, move: Move, shared_move=None) -> "Moment":
-        """Data movement: every map is moved, no noise is touched; ``shared_move`` moves a projection's shared
-        noise."""
+    def moved(self, mean: Tensor, move: Move, scale_op=None, shared_move=None) -> "Moment":
+        """Data movement: every map is moved, no noise is touched.  ``scale_op`` applies the op to a tensor shaped
+        like the input mean (default ``move.apply``); ``shared_move`` moves a projection's shared noise."""
         if move is IDENTITY:
             return self.with_mean(mean)
+        scale_op = scale_op or move.apply
         terms, moved_scales = [], {}
         for t in self.terms:
             if t.noise.row_covariance is not None and not move.rows_only:  # a dense root keeps only its variances
@@ -669,7 +673,7 @@ class Moment:
             scale = t.scale
             if isinstance(scale, Tensor):
                 if id(scale) not in moved_scales:
-                    moved_scales[id(scale)] = move.apply(broadcast_to(scale, self.mean.shape))
+                    moved_scales[id(scale)] = scale_op(broadcast_to(scale, self.mean.shape))
                 scale = moved_scales[id(scale)]
             shared = shared_move(t.shared) if (shared_move is not None and t.shared is not None) else None
             if t.jacobian is None:
@@ -694,15 +698,17 @@ class Moment:
         """``left @ x`` over the last dimension, ``left`` (..., C_out, C) deterministic: ``J <- left diag(s) J``."""
         terms, maps = [], {}  # terms that shared a map share the extended one (their covariance is formed once)
         for t in self.terms:
-            t = settled(t)
+            t = settled(t, self.mean)
             if t is None:
                 continue
-            scale_key = _scale_key(t.scale)
+            scale_key = id(t.scale) if isinstance(t.scale, Tensor) else t.scale
             if t.jacobian is None:
-                layout, _ = _canonical_root(t)
+                layout, cuts = _canonical_root(t, left)
                 key = (None, scale_key, t.layout.key[len(layout.moves):])
                 if key not in maps:
-                    maps[key] = _as_selection(t, left).jacobian.then(left)
+                    selections = tuple(_selection(move, left) for move, _ in cuts)
+                    scale = None if isinstance(t.scale, float) and t.scale == 1.0 else t.scale
+                    maps[key] = MatrixTangent(selections + (left,), (None,) * len(selections) + (scale, None))
                 t = replace(t, layout=layout)
             else:
                 key = (id(t.jacobian), scale_key)
@@ -775,7 +781,7 @@ def _merge(group: list[Term], mean: Tensor) -> list[Term]:
         for t in group[1:]:
             scale = _plus(scale, t.scale, mean)
         return [Term(first.noise, first.layout, first.jacobian, first.after, scale)]
-    settled_terms = [s for s in (settled(t) for t in group) if s is not None]
+    settled_terms = [s for s in (settled(t, mean) for t in group) if s is not None]
     if not settled_terms:
         return []
     if any(s.jacobian is None or s.noise is not first.noise or s.layout.key != settled_terms[0].layout.key
@@ -804,11 +810,9 @@ def _summed_weight_uses(terms: list[Term], mean: Tensor) -> list[Term]:
     for members in uses.values():
         if len({terms[i].merge_key for i in members}) < 2:
             continue
-        use = terms[members[0]].noise
-        already_summed = any(isinstance(terms[i].noise, WeightEntries) for i in members)
-        if not already_summed and mean.shape[-1] * use.weight_var.numel() > _WEIGHT_MAP_BUDGET:
-            continue  # once a weight's uses are summed every later use joins them, whatever the size
-        maps = [_weight_map(terms[i], mean) for i in members]
+        # once a weight has summed uses, every later use joins them: a summed map and a separate use never cross
+        force = any(isinstance(terms[i].noise, WeightEntries) for i in members)
+        maps = [_weight_map(terms[i], mean, force) for i in members]
         if any(m is False for m in maps):
             continue
         present = [m for m in maps if m is not None]
@@ -839,7 +843,7 @@ def _on_common_roots(terms: list[Term], mean: Tensor) -> list[Term]:
             out.append(t)
             continue
         if id(t.noise) in mapped and (t.after or t.jacobian is None):
-            t = settled(t)
+            t = settled(t, mean)
             if t is not None and t.jacobian is None and t.layout.moves and _cuts_last(t.layout.moves[-1][0]):
                 t = _as_selection(t, mean)
         if t is not None:
@@ -853,36 +857,40 @@ def _settles(t: Term) -> bool:
         t.jacobian.out_size == 1) for m, _ in t.after.moves)
 
 
-def _as_selection(t: Term, like: Tensor) -> Term:
-    """An elementwise term as a matrix map on its root without last-dim cuts: the cuts' selection matrices, then
-    the scale."""
-    layout, cuts = _canonical_root(t)
-    selections = tuple(_selection(move, like) for move, _ in cuts)
+def _as_selection(t: Term, mean: Tensor) -> Term:
+    """An elementwise term whose layout ends in last-dim cuts, as a matrix map (the cuts' selection matrices) on
+    the uncut root."""
+    layout, cuts = _canonical_root(t, mean)
+    selections = tuple(_selection(move, mean) for move, _ in cuts)
     scale = None if isinstance(t.scale, float) and t.scale == 1.0 else t.scale
     return Term(t.noise, layout, MatrixTangent(selections, (None,) * len(selections) + (scale,)))
 
 
-def _weight_map(t: Term, mean: Tensor) -> Tensor | None | bool:
+def _weight_map(t: Term, mean: Tensor, force: bool = False) -> Tensor | None | bool:
     """The per-row map (..., C, k * m) of a use of a weight ``u = a @ dW`` from the weight's entries:
     ``D[c, (k, m)] = a_k J[c, m]`` with ``J`` the use's map (scale and cuts included); None for a zero term,
-    False where it cannot be formed."""
+    False where it is over the budget (unless ``force``) or cannot be formed."""
     use = t.noise
-    t = settled(t)
+    t = settled(t, mean)
     if t is None:
         return None
     if t.noise is not use:  # collapsed when settled (its features moved where a map cannot follow)
         return False
-    layout, cuts = _canonical_root(t)
+    if not isinstance(use, WeightEntries):
+        k, m = use.weight_var.shape[-2:]
+        if not force and mean.shape[-1] * k * m > _WEIGHT_MAP_BUDGET:
+            return False
+    layout, cuts = _canonical_root(t, mean)
     if not layout.rows_only:  # entries found by moving index tensors (a transpose of the features, say)
         if isinstance(use, WeightEntries):
             return False
-        cols, inputs = _located(t.layout, use, mean)
-        width = torch.arange(1, use.weight_var.shape[-1] + 1, device=mean.device)
-        column = (cols.unsqueeze(-1) == width).to(mean.dtype)
+        _, cols, inputs = _located(t.layout, use, mean)
+        column = (cols.unsqueeze(-1) == torch.arange(1, m + 1, device=mean.device)).to(mean.dtype)
         out = _dense_with_scale(t, mean) @ (inputs.unsqueeze(-1) * column.unsqueeze(-2)).flatten(-2)
         rows = (*mean.shape[:-1], *out.shape[-2:])
         return out if same_shape(out.shape, rows) else out.expand(rows)
-    j = _dense_with_scale(t, mean)
+    j = _dense_with_scale(replace(t, layout=layout), mean) if t.jacobian is not None or not cuts else \
+        diagonal_matrix(broadcast_to(_numeric(t.scale, mean) * torch.ones_like(mean), mean.shape))
     selection = None
     for move, _ in cuts:
         cut = _selection(move, mean)
@@ -915,7 +923,7 @@ def combine(mean: Tensor, terms: Sequence[tuple[object, object]]) -> Moment | Te
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def settled(t: Term) -> Term | None:
+def settled(t: Term, mean: Tensor | None = None) -> Term | None:
     """The term with its moves after ``J`` pushed into ``J`` and the root (rows moved, last-dim slices and pads as
     selection matrices).  A move of the last dimension into another axis cannot be pushed: the part of the term
     before it is collapsed into a fresh diagonal noise (its exact marginal variance, independent of the rest)."""
@@ -957,7 +965,7 @@ def _selection(move: Move, like: Tensor) -> Tensor:
     return F.pad(torch.eye(size, dtype=like.dtype, device=like.device), [0, 0, before, after])
 
 
-def _canonical_root(t: Term) -> tuple[Layout, tuple[tuple[Move, int], ...]]:
+def _canonical_root(t: Term, like: Tensor) -> tuple[Layout, tuple[tuple[Move, int], ...]]:
     """The root layout without its trailing slices and pads of the last dimension, and those cuts (innermost
     first; each becomes a selection matrix): maps of one noise cut into pieces (a GRU's gates) then share one root
     and add."""
@@ -1013,7 +1021,7 @@ def _matrix_variance(jacobian: MatrixTangent, var: Tensor) -> Tensor:
 
 
 def _term_covariance(t: Term, mean: Tensor) -> Tensor:
-    t = settled(t)
+    t = settled(t, mean)
     var, cov = _root_of(t)
     if t.jacobian is None:
         if cov is not None:
@@ -1043,10 +1051,7 @@ def _cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor | None:
     tracked (a dense-covariance root, noises of different shapes, a correlation not modelled)."""
     if a.noise.row_covariance is not None or b.noise.row_covariance is not None:
         return None
-    a, b = settled(a), settled(b)
-    if isinstance(a.noise, WeightUse) and a.layout.key != b.layout.key:
-        uses_alike = isinstance(b.noise, WeightUse) and b.noise.weight_key == a.noise.weight_key
-        return _weight_use_cross(a, b, mean, full) if uses_alike else None
+    a, b = settled(a, mean), settled(b, mean)
     c = a.noise.cross_variance(b.noise)
     if c is None:
         return None
@@ -1057,6 +1062,8 @@ def _cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor | None:
             return _times(_times(_numeric(a.scale, mean), _numeric(b.scale, mean)), c)
         ja, jb = _dense_with_scale(a, mean), _dense_with_scale(b, mean)
         return (ja * c.unsqueeze(-2)) @ jb.mT if full else ((ja * c.unsqueeze(-2)) * jb).sum(-1)
+    if isinstance(a.noise, WeightUse):
+        return _weight_use_cross(a, b, mean, full)
     if not same_shape(a.noise.variance.shape, b.noise.variance.shape):
         return None
     # different layouts: entries meet where both layouts pick the same noise entry (moved index tensors)
@@ -1067,12 +1074,14 @@ def _cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor | None:
         sa, sb = _numeric(a.scale, mean), _numeric(b.scale, mean)
         return _times(_times(sa, sb), ca * (ia == ib).to(mean.dtype))
     meet = (ia.unsqueeze(-1) == ib.unsqueeze(-2)).to(mean.dtype) * ca.unsqueeze(-1)  # (..., R_a, R_b)
-    return _through_maps(a, b, meet, mean, full)
+    ja, jb = _dense_with_scale(a, mean), _dense_with_scale(b, mean)
+    cross = ja @ meet @ jb.mT
+    return cross if full else torch.diagonal(cross, dim1=-2, dim2=-1)
 
 
-def _located(layout: Layout, use: WeightUse, like: Tensor) -> tuple[Tensor, Tensor]:
-    """Where each entry of ``layout(a @ dW)`` comes from: its column ``m`` (1-based, 0 for padding; index tensors
-    moved with the layout) and its row's input ``a_r`` (zeros for padding)."""
+def _located(layout: Layout, use: WeightUse, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Where each entry of ``layout(a @ dW)`` comes from: its row of ``a`` and its column ``m`` (1-based, 0 for
+    padding; index tensors moved with the layout), and that row's input ``a_r`` (zeros for padding)."""
     rows_shape = use.inputs.shape[:-1]
     width = use.weight_var.shape[-1]
     shape = (*rows_shape, width)
@@ -1080,7 +1089,7 @@ def _located(layout: Layout, use: WeightUse, like: Tensor) -> tuple[Tensor, Tens
     cols = torch.arange(1, width + 1, device=like.device)
     r, c = layout.apply(rows.expand(shape)), layout.apply(cols.expand(shape))
     gathered = F.embedding((r - 1).clamp_min(0), use.inputs.reshape(-1, use.inputs.shape[-1]))
-    return c, gathered * (r > 0).unsqueeze(-1).to(like.dtype)
+    return r, c, gathered * (r > 0).unsqueeze(-1).to(like.dtype)
 
 
 def _weight_use_cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor:
@@ -1088,20 +1097,16 @@ def _weight_use_cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor:
     ``(r', m')`` meet where ``m = m'``, with ``Cov = sum_k a_rk b_r'k S_km``; rows and columns are found by moving
     index tensors with each layout (0 marks padding)."""
     na = a.noise
-    ca, xa = _located(a.layout, na, mean)
-    cb, xb = _located(b.layout, b.noise, mean)
+    _, ca, xa = _located(a.layout, na, mean)
+    _, cb, xb = _located(b.layout, b.noise, mean)
     weight = F.embedding((ca - 1).clamp_min(0), na.weight_var.mT)  # S[:, m] per entry
     if a.jacobian is None and b.jacobian is None and not full:
         same = ((ca == cb) & (ca > 0)).to(mean.dtype)
         return _times(_times(_numeric(a.scale, mean), _numeric(b.scale, mean)), (xa * xb * weight).sum(-1) * same)
     meet = ((ca.unsqueeze(-1) == cb.unsqueeze(-2)) & (ca > 0).unsqueeze(-1)).to(mean.dtype)
     meet = meet * ((xa * weight) @ xb.mT)  # (..., R_a, R_b)
-    return _through_maps(a, b, meet, mean, full)
-
-
-def _through_maps(a: Term, b: Term, meet: Tensor, mean: Tensor, full: bool) -> Tensor:
-    """``J_a M J_b^T`` for the covariance ``M`` (..., R_a, R_b) of two terms' roots (its diagonal unless full)."""
-    cross = _dense_with_scale(a, mean) @ meet @ _dense_with_scale(b, mean).mT
+    ja, jb = _dense_with_scale(a, mean), _dense_with_scale(b, mean)
+    cross = ja @ meet @ jb.mT
     return cross if full else torch.diagonal(cross, dim1=-2, dim2=-1)
 
 
@@ -1131,7 +1136,7 @@ def _pooled(terms: Sequence[Term]) -> list[Term]:
         if t.jacobian is None or t.noise.row_covariance is not None:
             out.append(t)
             continue
-        scale_key = _scale_key(t.scale)
+        scale_key = id(t.scale) if isinstance(t.scale, Tensor) else t.scale
         buckets.setdefault((id(t.jacobian), scale_key), []).append(t)
     for bucket in buckets.values():
         if len(bucket) == 1:
@@ -1157,7 +1162,7 @@ def _covariance(mean: Tensor, terms: Sequence[Term]) -> Tensor:
 
 def _second_moments(mean: Tensor, terms: Sequence[Term], full: bool) -> Tensor | None:
     """Each term's (co)variance (terms that share a map pooled), plus the cross-covariances within noise groups."""
-    terms = [s for s in (settled(t) for t in _summed_weight_uses(list(terms), mean)) if s is not None]
+    terms = [s for s in (settled(t, mean) for t in _summed_weight_uses(list(terms), mean)) if s is not None]
     total = None
     for a in _pooled(terms):
         part = _term_covariance(a, mean) if full else _term_variance(a)

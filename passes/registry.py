@@ -3,10 +3,7 @@
 A rule has the signature ``rule(ctx, *args, **kwargs)`` mirroring the op's ATen schema, where every tensor
 argument is either a plain tensor (deterministic) or a :class:`~momentprop.passes.moment.Moment`.  The driver only
 calls a rule when at least one argument is random, and applies the covariance policy to what the rule returns, so
-a rule need not test for ``diag`` or ``full``.  A few do (``ctx.keeps_maps``), as shortcuts: where the policy would
-collapse what they form, they give the collapsed result directly in closed form (a linear layer's
-``m_a^2 S + v_a (M^2 + S)``, the softmax and LayerNorm variances), without forming the maps first.  Rules come in
-families, each a constructor in its module:
+rules never test for ``diag`` or ``full``.  Rules come in families, each a constructor in its module:
 
 * ``defzero`` (``elementwise.py``): the output carries no variance (comparisons, rounding, shapes);
 * ``def_structural`` (``data_movement.py``): data movement, the maps move with the mean;
