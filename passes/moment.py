@@ -696,11 +696,12 @@ class Moment:
 
     def left_multiplied(self, mean: Tensor, left: Tensor) -> "Moment":
         """``left @ x`` over the last dimension, ``left`` (..., C_out, C) deterministic: ``J <- left diag(s) J``."""
-        terms, maps = [], {}  # terms that shared a map share the extended one (their covariance is formed once)
+        terms, maps, alive = [], {}, []  # terms that shared a map share the extended one (one covariance product)
         for t in self.terms:
             t = settled(t, self.mean)
             if t is None:
                 continue
+            alive.append(t)  # settling may make new maps and scales: an id is a key only while its object lives
             scale_key = id(t.scale) if isinstance(t.scale, Tensor) else t.scale
             if t.jacobian is None:
                 layout, cuts = _canonical_root(t, left)
