@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -185,8 +186,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if min(args.epochs, args.samples, args.threads) < 1:
             print("momentprop demo: --epochs, --samples and --threads must be at least 1", file=sys.stderr)
             return 2
-        from .demo import run_demo
-
+        run_demo = load_demo()
+        if run_demo is None:
+            print("momentprop demo: the demo ships with the repository (examples/demo.py), not with the package; "
+                  "clone the repository and run scripts/demo there", file=sys.stderr)
+            return 1
         run_demo(args.output_dir, epochs=args.epochs, seed=args.seed, samples=args.samples,
                  progress=not args.no_progress, threads=args.threads)
     return 0
+
+
+def load_demo() -> Callable[..., object] | None:
+    """``run_demo`` from the checkout's ``examples/demo.py`` (the package is installed from a checkout, editable), or
+    None where the package was installed without one."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("momentprop_examples_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run_demo

@@ -762,6 +762,9 @@ def merged(mean: Tensor, terms: Iterable[Term], onto_maps: bool = False) -> Mome
     terms = list(terms)
     if onto_maps:
         terms = _on_common_roots(_summed_weight_uses(terms, mean), mean)
+    elif _crowded(terms, mean):
+        mapped = _on_common_roots([t for t in terms if t.jacobian is not None], mean)
+        terms, onto_maps = mapped + [t for t in terms if t.jacobian is None], True
     groups: dict[tuple, list[Term]] = {}
     for t in terms:
         groups.setdefault(t.merge_key if onto_maps else (*t.merge_key, id(t.jacobian)), []).append(t)
@@ -771,6 +774,23 @@ def merged(mean: Tensor, terms: Iterable[Term], onto_maps: bool = False) -> Mome
     if not out:
         return mean
     return Moment(mean, tuple(out))
+
+
+_DENSE_MERGE_BUDGET = 1 << 16  # entries of one row's dense map (C * root width) up to which maps are added
+
+
+def _crowded(terms: list[Term], mean: Tensor) -> bool:
+    """Whether some noise has several matrix maps that are cheap to add as dense matrices: an elementwise op of a
+    recurrence (``z * h + (1 - z) * n``) would otherwise carry every earlier step's maps apart, so the terms, and
+    the graph, grow with each step."""
+    seen: set[int] = set()
+    for t in terms:
+        if t.jacobian is None:
+            continue
+        if id(t.noise) in seen and mean.shape[-1] * t.jacobian.root_size <= _DENSE_MERGE_BUDGET:
+            return True
+        seen.add(id(t.noise))
+    return False
 
 
 def _merge(group: list[Term], mean: Tensor) -> list[Term]:

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from momentprop.demo import run_demo
+from momentprop.cli import load_demo
+
+run_demo = load_demo()  # examples/demo.py, as `momentprop demo` finds it
 
 
 def test_demo_short_run(tmp_path):

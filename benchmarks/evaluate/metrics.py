@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from momentprop.demo import ece  # the demo's expected calibration error (15 equal-width bins)
+from examples.demo import ece  # the demo's expected calibration error (15 equal-width bins)
 
 
 def as_points(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 import momentprop as mp
 
-from .posterior import read_posterior
+from momentprop.posterior import read_posterior
 
 if TYPE_CHECKING:
     import ivon
