@@ -29,14 +29,14 @@ from .errors import (
     CalibrationError, CaptureError, InputError, MomentpropError, PersistenceError, PosteriorError, ProviderError,
     UnsupportedOpError,
 )
-from .laplace import couples_layers, is_laplace, likelihood_of
 from .meanfield import deterministic_meanfield
-from .options import Options
-from .persist import load_compiled as load
+from .onnx_runner import OnnxRunner, predict_onnx
+from .options import CompiledInfo, Options
 from .persist import load_posterior, save_posterior
-from .posterior import Dense, FullCovariance, Kron, read_posterior
+from .posterior import couples_layers, likelihood_of, read_posterior
 from .rewrite import MomentInterpreter, rewrite
-from .runtime import CompiledInfo, CompiledModel, OnnxRunner, predict_onnx
+from .runtime import CompiledModel, load
+from .structures import Dense, FullCovariance, Kron
 
 __all__ = [
     "CalibrationError", "CaptureError", "CompiledModel", "Dense", "FullCovariance", "InputError", "Kron",
@@ -117,16 +117,15 @@ def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: 
     if unknown:
         raise InputError(f"unknown option(s) {unknown}; the options are those of momentprop.compile")
     likelihood, sigma_noise = keywords.get("likelihood"), keywords.get("sigma_noise")
-    if is_laplace(posterior):  # laplace-torch knows its likelihood and observation noise
-        laplace_likelihood, laplace_sigma = likelihood_of(posterior)
-        likelihood = likelihood or laplace_likelihood
-        if likelihood == "regression" and sigma_noise is None:
-            sigma_noise = laplace_sigma
+    fitted_likelihood, fitted_sigma = likelihood_of(posterior)  # laplace-torch knows both
+    likelihood = likelihood or fitted_likelihood
+    if likelihood == "regression" and sigma_noise is None:
+        sigma_noise = fitted_sigma
     options = Options(**{**keywords, "likelihood": likelihood, "sigma_noise": sigma_noise})
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if options.predictive == "glm":
-        if is_laplace(posterior) and couples_layers(model, posterior):
+        if couples_layers(model, posterior):
             raise PosteriorError(
                 "predictive='glm' is exact only for posteriors that are block-diagonal across layers, and this full "
                 "Laplace posterior couples the layers (moment propagation would drop those covariances); use "

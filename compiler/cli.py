@@ -94,7 +94,7 @@ def read_inputs(path: str | Path, shape: Sequence[object]) -> np.ndarray:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from .runtime import OnnxRunner
+    from .onnx_runner import OnnxRunner
 
     runner = OnnxRunner(args.file, args.provider, args.threads, nan=args.nan)
     outputs = runner(read_inputs(args.input, runner.inputs[0].shape)) if len(runner.inputs) == 1 else None
@@ -115,7 +115,7 @@ def describe(path: str | Path) -> dict[str, object]:
     import onnx
 
     from .convert import branches, is_ort_format, op_counts
-    from .runtime import OnnxRunner
+    from .onnx_runner import OnnxRunner
 
     runner = OnnxRunner(path)
     io = lambda args: {a.name: {"type": a.type, "shape": a.shape} for a in args}  # noqa: E731

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import PosteriorError
-from .posterior import Dense, FullCovariance, Kron, Posterior, split_flat
+from .structures import Dense, FullCovariance, Kron, Posterior, split_flat
 
 
 def is_laplace(obj: object) -> bool:

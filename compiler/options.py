@@ -120,3 +120,33 @@ class Options:
     def to_json(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+
+@dataclass(frozen=True)
+class CompiledInfo:
+    """What the moment graph does: the compile options (stored once, here), the random parameters and the input
+    names. The model card and the saved file are made from it."""
+
+    options: Options
+    random_parameters: list[str]
+    input_names: list[str]
+
+    covariance = property(lambda self: self.options.covariance)
+    likelihood = property(lambda self: self.options.likelihood)
+    output_covariance = property(lambda self: self.options.output_covariance)
+    sigma_noise = property(lambda self: self.options.sigma_noise)
+    link = property(lambda self: self.options.link)
+    input_variance = property(lambda self: self.options.input_variance)
+    attention = property(lambda self: self.options.attention)
+    predictive = property(lambda self: self.options.predictive)
+    returns_covariance = property(lambda self: self.options.returns_covariance)
+
+    def to_json(self) -> dict[str, object]:
+        """One flat JSON object: the options' fields, ``random_parameters`` and ``input_names``."""
+        return {**self.options.to_json(), "random_parameters": list(self.random_parameters),
+                "input_names": list(self.input_names)}
+
+    @classmethod
+    def from_json(cls, fields: dict[str, object]) -> "CompiledInfo":
+        fields = dict(fields)
+        rest = {"random_parameters": fields.pop("random_parameters"), "input_names": fields.pop("input_names")}
+        return cls(Options(**fields), **rest)

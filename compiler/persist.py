@@ -18,18 +18,19 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch._export.serde import serialize as serde
+from torch.export import ExportedProgram
 
 from ._version import __version__
 from .emit import quiet_torch
 from .errors import PersistenceError
-from .posterior import Dense, FullCovariance, Kron, ParameterPosterior, Posterior
-from .runtime import CompiledInfo, CompiledModel
+from .structures import Dense, FullCovariance, Kron, ParameterPosterior, Posterior
+from .options import CompiledInfo
 
 FORMAT = "momentprop"
 FORMAT_VERSION = 1
@@ -114,9 +115,10 @@ def _dtype(name: object) -> torch.dtype:
     return dtype
 
 
-def save_compiled(cm: CompiledModel, path: str | os.PathLike) -> Path:
-    """Write ``cm`` to ``path`` (one safetensors file, no pickle) and return the path."""
-    program = cm.program
+def save_compiled(
+    program: ExportedProgram, info: CompiledInfo, example_inputs: Sequence[torch.Tensor], path: str | os.PathLike
+) -> Path:
+    """Write a compiled model's parts to ``path`` (one safetensors file, no pickle) and return the path."""
     try:
         with quiet_torch():
             artifact = serde.serialize(
@@ -129,17 +131,17 @@ def save_compiled(cm: CompiledModel, path: str | os.PathLike) -> Path:
         if not isinstance(value, torch.Tensor):
             raise PersistenceError(f"the moment graph holds a non-tensor constant '{name}' ({type(value).__name__})")
         tensors[f"constants/{name}"] = value
-    examples = [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in cm.example_inputs]
+    examples = [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in example_inputs]
     fields = {
-        "info": json.dumps(cm.info.to_json()),
+        "info": json.dumps(info.to_json()),
         "example_inputs": json.dumps(examples),
         "graph": artifact.exported_program.decode("utf-8"),
     }
     return _write(path, COMPILED_MODEL, tensors, fields)
 
 
-def load_compiled(path: str | os.PathLike) -> CompiledModel:
-    """Read a compiled model written by :func:`save_compiled`."""
+def load_compiled(path: str | os.PathLike) -> tuple[ExportedProgram, CompiledInfo, tuple[torch.Tensor, ...]]:
+    """Read a compiled model's parts written by :func:`save_compiled`: (moment graph, info, example inputs)."""
     fields, tensors = _read(path, COMPILED_MODEL)
     try:
         info = CompiledInfo.from_json(json.loads(fields["info"]))
@@ -155,7 +157,7 @@ def load_compiled(path: str | os.PathLike) -> CompiledModel:
             # dicts, not bytes, for the tensor parts: the deserializer takes them as they are (no torch.load)
             artifact = serde.SerializedArtifact(graph, state_dict, constants, b"")  # type: ignore[arg-type]
             program = serde.deserialize(artifact)
-            return CompiledModel(program, info, examples)
+            return program, info, examples
     except Exception as exc:
         raise _corrupt(path, "moment graph", exc) from exc
 

@@ -17,45 +17,18 @@ Parameters without a variance are deterministic.  The user's tensors are copied,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Mapping
 
 import torch
 from torch import nn
 
+from . import laplace
 from .errors import PosteriorError
 from .meanfield import meanfield_posterior
+from .structures import Dense, FullCovariance, Kron, ParameterPosterior, Posterior, split_flat
 
 
 
-@dataclass(frozen=True)
-class Kron:
-    """A weight (out, in) with ``Cov vec(W) = (Q_out ⊗ Q_in) diag(vec d) (Q_out ⊗ Q_in)^T``."""
-
-    q_out: torch.Tensor
-    q_in: torch.Tensor
-    d: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Dense:
-    """A weight (out, in) with a dense covariance ``block`` (out, n, out, n) over ``[W | b]`` (n = in + 1,
-    ``with_bias``) or over ``W`` (n = in)."""
-
-    block: torch.Tensor
-    with_bias: bool
-
-
-@dataclass(frozen=True)
-class FullCovariance:
-    """A 1-D parameter (a bias) with a dense covariance ``cov`` (numel, numel)."""
-
-    cov: torch.Tensor
-
-
-ParameterPosterior = Union[torch.Tensor, Kron, Dense, FullCovariance]
-# {canonical parameter name: a variance tensor of the parameter's shape, or a structured block}
-Posterior = dict[str, ParameterPosterior]
 
 
 def canonical_names(model: nn.Module) -> dict[str, str]:
@@ -162,15 +135,6 @@ def _from_flat(model: nn.Module, flat: torch.Tensor) -> Posterior:
     return split_flat(flat, trainable)
 
 
-def split_flat(flat: torch.Tensor, params: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """A flat vector over ``params`` (each tensor row-major, in order) as ``{name: tensor of its shape}``."""
-    result, offset = {}, 0
-    for name, p in params:
-        result[name] = flat[offset: offset + p.numel()].reshape(p.shape)
-        offset += p.numel()
-    return result
-
-
 def _from_ivon(model: nn.Module, optimizer) -> Posterior:
     by_id = {id(p): n for n, p in model.named_parameters()}
     result = {}
@@ -193,8 +157,6 @@ def _is_ivon(posterior: object) -> bool:
 
 def read_posterior(model: nn.Module, posterior: object) -> Posterior:
     """Normalise any accepted posterior form to ``{canonical parameter name: variance or structure}``."""
-    from .laplace import is_laplace, read_laplace  # laplace.py builds on the structures defined here
-
     if posterior is None:
         result = meanfield_posterior(model)
         if not result:
@@ -213,8 +175,8 @@ def read_posterior(model: nn.Module, posterior: object) -> Posterior:
         result = _from_flat(model, posterior.detach())
     elif _is_ivon(posterior):
         result = _from_ivon(model, posterior)
-    elif is_laplace(posterior):
-        result = read_laplace(model, posterior)
+    elif laplace.is_laplace(posterior):
+        result = laplace.read_laplace(model, posterior)
     else:
         raise PosteriorError(
             f"cannot read a posterior from {type(posterior).__name__}; pass a dict {{parameter name: variance}}, "
@@ -228,3 +190,14 @@ def read_posterior(model: nn.Module, posterior: object) -> Posterior:
         if isinstance(v, torch.Tensor) else v
         for n, v in result.items()
     }
+
+
+def likelihood_of(posterior: object) -> tuple[str | None, float | None]:
+    """The likelihood and observation noise the posterior was fitted with, where it knows them (laplace-torch);
+    else (None, None)."""
+    return laplace.likelihood_of(posterior) if laplace.is_laplace(posterior) else (None, None)
+
+
+def couples_layers(model: nn.Module, posterior: object) -> bool:
+    """Whether the posterior has covariances between layers (a full laplace-torch posterior over several)."""
+    return laplace.is_laplace(posterior) and laplace.couples_layers(model, posterior)

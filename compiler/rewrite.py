@@ -26,7 +26,8 @@ from momentprop.passes.weights import DenseBlockNoise, KronNoise
 from .capture import dynamic_shapes, with_batch_of_two
 from .errors import CaptureError, InputError, UnsupportedOpError
 from .options import Options
-from .posterior import Dense, Kron, ParameterPosterior, Posterior, canonical_names
+from .posterior import canonical_names
+from .structures import Dense, Kron, ParameterPosterior, Posterior
 
 LINEAR_FAMILY = {
     torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,

@@ -14,7 +14,7 @@ import torch
 import momentprop as mp
 from oracles import make_mlp, random_posterior
 from momentprop.convert import branches, convert, op_counts
-from momentprop.runtime import OnnxRunner
+from momentprop.onnx_runner import OnnxRunner
 
 X = np.random.default_rng(0).standard_normal((512, 16)).astype(np.float32)
 # (precision, mean only) -> largest relative L2 error allowed per output; the measured figures are printed

@@ -18,9 +18,9 @@ from torch import nn
 import momentprop as mp
 from momentprop import persist
 from momentprop.errors import MomentpropError, PersistenceError
-from momentprop.posterior import Dense, FullCovariance, Kron
+from momentprop.structures import Dense, FullCovariance, Kron
 from momentprop.options import Options
-from momentprop.runtime import CompiledInfo
+from momentprop.options import CompiledInfo
 from oracles import make_mlp, random_posterior
 
 
@@ -51,9 +51,7 @@ def _compile(case: str) -> mp.CompiledModel:
 
 
 def _loaders():
-    yield persist.save_compiled, persist.load_compiled
-    if hasattr(mp.CompiledModel, "save") and hasattr(mp, "load"):
-        yield (lambda cm, path: cm.save(path)), mp.load
+    yield (lambda cm, path: cm.save(path)), mp.load
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -78,7 +76,7 @@ def test_round_trip_gives_the_same_outputs_at_new_batch_sizes(tmp_path, case):
 def test_calibrated_scale_is_saved(tmp_path):
     cm = _compile("full-classification")
     cm.program.state_dict["variance_scale"].fill_(3.25)  # what cm.calibrate does
-    loaded = persist.load_compiled(persist.save_compiled(cm, tmp_path / "m.mpz"))
+    loaded = mp.load(cm.save(tmp_path / "m.mpz"))
     assert loaded.variance_scale == 3.25
     x = torch.randn(4, 6)
     assert torch.equal(loaded(x)[1], cm(x)[1])
@@ -99,7 +97,7 @@ def test_lifted_constants_and_non_persistent_buffers_round_trip(tmp_path):
     program = torch.export.export(_WithConstants(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     assert set(program.constants) == {"k", "lifted_tensor_0"}
     cm = mp.CompiledModel(program, CompiledInfo(Options(), [], ["x"]), (x,))
-    loaded = persist.load_compiled(persist.save_compiled(cm, tmp_path / "c.mpz"))
+    loaded = mp.load(cm.save(tmp_path / "c.mpz"))
     y = torch.randn(6, 3)
     for got, want in zip(loaded(y), cm(y)):
         assert torch.equal(got, want)
@@ -107,7 +105,7 @@ def test_lifted_constants_and_non_persistent_buffers_round_trip(tmp_path):
 
 def test_loaded_model_exports_to_onnx(tmp_path):
     cm = _compile("full-classification")
-    loaded = persist.load_compiled(persist.save_compiled(cm, tmp_path / "m.mpz"))
+    loaded = mp.load(cm.save(tmp_path / "m.mpz"))
     out = mp.OnnxRunner(loaded.to_onnx(tmp_path / "m.onnx"))(x := torch.randn(5, 6))
     mean, cov = cm(x)
     assert list(out) == ["mean", "covariance", "probs"]
@@ -118,7 +116,7 @@ def test_loaded_model_exports_to_onnx(tmp_path):
 
 def test_file_is_plain_safetensors_and_loads_without_unpickling(tmp_path, monkeypatch):
     cm = _compile("regression-noise")
-    data = persist.save_compiled(cm, tmp_path / "m.mpz").read_bytes()
+    data = cm.save(tmp_path / "m.mpz").read_bytes()
     # safetensors layout: u64 header length, a JSON header, then raw tensor bytes exactly covered by the header
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8: 8 + n])
@@ -136,7 +134,7 @@ def test_file_is_plain_safetensors_and_loads_without_unpickling(tmp_path, monkey
     for target, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
         monkeypatch.setattr(target, name, refuse)
     x = torch.randn(4, 6)
-    for got, want in zip(persist.load_compiled(tmp_path / "m.mpz")(x), cm(x)):
+    for got, want in zip(mp.load(tmp_path / "m.mpz")(x), cm(x)):
         assert torch.equal(got, want)
 
 
@@ -156,8 +154,8 @@ def _foreign_files(tmp_path, ours):
 
 
 def test_foreign_or_truncated_files_raise_a_clear_error(tmp_path):
-    ours = persist.save_compiled(_compile("diag"), tmp_path / "m.mpz")
-    loaders = [persist.load_compiled, persist.load_posterior]
+    ours = _compile("diag").save(tmp_path / "m.mpz")
+    loaders = [mp.load, persist.load_posterior]
     loaders += [getattr(mp, name) for name in ("load", "load_posterior") if hasattr(mp, name)]
     for path in _foreign_files(tmp_path, ours):
         for load in loaders:
@@ -167,7 +165,7 @@ def test_foreign_or_truncated_files_raise_a_clear_error(tmp_path):
     if hasattr(mp, "PersistenceError"):
         assert mp.PersistenceError is PersistenceError
     with pytest.raises(PersistenceError, match="no such file"):
-        persist.load_compiled(tmp_path / "missing.mpz")
+        mp.load(tmp_path / "missing.mpz")
 
 
 def _rewrite_metadata(path, **changes):
@@ -177,10 +175,10 @@ def _rewrite_metadata(path, **changes):
 
 
 def test_wrong_kind_newer_version_and_corrupt_graph_are_reported(tmp_path):
-    model_path = persist.save_compiled(_compile("diag"), tmp_path / "m.mpz")
+    model_path = _compile("diag").save(tmp_path / "m.mpz")
     posterior_path = persist.save_posterior({"w": torch.ones(2)}, tmp_path / "p.mpp")
     with pytest.raises(PersistenceError, match="load_posterior"):
-        persist.load_compiled(posterior_path)
+        mp.load(posterior_path)
     with pytest.raises(PersistenceError, match="load_compiled"):
         persist.load_posterior(model_path)
     _rewrite_metadata(posterior_path, format_version="99")
@@ -188,7 +186,7 @@ def test_wrong_kind_newer_version_and_corrupt_graph_are_reported(tmp_path):
         persist.load_posterior(posterior_path)
     _rewrite_metadata(model_path, graph='{"graph_module": 1}')
     with pytest.raises(PersistenceError, match="moment graph is corrupt"):
-        persist.load_compiled(model_path)
+        mp.load(model_path)
 
 
 def _posterior_io():

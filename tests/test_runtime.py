@@ -13,7 +13,7 @@ import torch
 import momentprop as mp
 from oracles import TokenEmbedding, make_mlp, random_posterior
 from momentprop.errors import ProviderError
-from momentprop.runtime import OnnxRunner, predict_onnx
+from momentprop.onnx_runner import OnnxRunner, predict_onnx
 
 X = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
 

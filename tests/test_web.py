@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from momentprop.runtime import OnnxRunner
+from momentprop.onnx_runner import OnnxRunner
 
 WEB = Path(__file__).resolve().parents[1] / "web"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
