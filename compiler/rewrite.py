@@ -1,7 +1,8 @@
 """Step 3: rewrite the captured graph into its moment-propagating analogue.
 
 :class:`MomentInterpreter` walks the captured ATen graph once per call: ops whose arguments are all
-deterministic run unchanged, every other op goes to its rule from ``momentprop.passes``.  Exporting that
+deterministic run unchanged, every other op goes to its rule from ``momentprop.passes`` (with what the pre-pass,
+``prepass.py``, found about the graph as a whole).  Exporting that
 interpreter with torch.export traces the rules into a plain ATen graph, the *moment graph*: it is what
 ``cm(x)`` runs and what is emitted to ONNX, so torch and ONNX agree by construction, and branches that carry
 no variance never appear in it.
@@ -26,14 +27,9 @@ from momentprop.passes.weights import DenseBlockNoise, KronNoise
 from .capture import dynamic_shapes, with_batch_of_two
 from .errors import CaptureError, InputError, UnsupportedOpError
 from .options import Options
+from .prepass import analyse
 from .posterior import canonical_names
 from .structures import Dense, Kron, ParameterPosterior, Posterior
-
-LINEAR_FAMILY = {
-    torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
-    torch.ops.aten.bmm.default, torch.ops.aten.matmul.default,
-}
-
 
 def _buffer_name(prefix: str, name: str) -> str:
     return prefix + "__" + re.sub(r"[^0-9a-zA-Z_]", "_", name)
@@ -68,57 +64,6 @@ def _describe(node: torch.fx.Node) -> str:
         last = frames[-1]
         source = "; source: " + " ".join(line.strip() for line in trace[last:last + 2])
     return f"{module}{source}"
-
-
-def _first_output(graph: torch.fx.Graph) -> torch.fx.Node:
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    leaves = [leaf for leaf in pytree.tree_leaves(output.args) if isinstance(leaf, torch.fx.Node)]
-    if not leaves:
-        raise CaptureError("the model returns no tensor; momentprop needs a tensor output to propagate moments to")
-    return leaves[0]
-
-
-SOFTMAX = {torch.ops.aten._softmax.default, torch.ops.aten.softmax.int}
-PASS_THROUGH = {
-    torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default,
-    torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.dropout.default,
-}
-
-
-def _attention_weights(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """Softmax nodes whose result (through copies and dropout) is the left operand of a matrix product: the
-    attention weights, which the paper's rule takes at the mean.  Any other softmax (a classifier's) is
-    linearised."""
-    found = set()
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target not in SOFTMAX:
-            continue
-        frontier = [node]
-        while frontier:
-            value = frontier.pop()
-            for user in value.users:
-                if user.target in LINEAR_FAMILY and user.args and user.args[0] is value:
-                    found.add(node)
-                elif user.target in PASS_THROUGH:
-                    frontier.append(user)
-    return found
-
-
-def _reachable(node: torch.fx.Node, upstream: bool) -> set[torch.fx.Node]:
-    """``node`` and every node it depends on (``upstream``) or that depends on it."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes if upstream else n.users)
-    return seen
-
-
-def _final_layer(graph: torch.fx.Graph, needed: set[torch.fx.Node]) -> torch.fx.Node | None:
-    """The last linear-family node the output depends on (its covariance is kept under output_covariance)."""
-    finals = [n for n in graph.nodes if n in needed and n.op == "call_function" and n.target in LINEAR_FAMILY]
-    return finals[-1] if finals else None
 
 
 class MomentInterpreter(nn.Module):
@@ -160,13 +105,7 @@ class MomentInterpreter(nn.Module):
                 self.bindings.append(("tensor", key))
             else:
                 raise CaptureError(f"unsupported graph input kind {spec.kind} ({spec.target})")
-        # Moments are computed for the model's first output tensor (the logits of a (logits, kl) pair or of a
-        # model-output container); nodes that only feed other outputs are skipped.
-        self.output_node = _first_output(self.graph)
-        self.needed = _reachable(self.output_node, upstream=True)
-        final_layer = _final_layer(self.graph, self.needed) if config.output_covariance else None
-        self.keeps_maps = _reachable(final_layer, upstream=False) if final_layer is not None else set()
-        self.attention_weights = _attention_weights(self.graph)
+        self.facts = analyse(self.graph, config.output_covariance)
         self.register_buffer("variance_scale", torch.tensor(float(options.variance_scale)))
         if config.likelihood == "regression":
             self.register_buffer("noise_variance", torch.tensor(float(options.sigma_noise or 0.0) ** 2))
@@ -225,8 +164,9 @@ class MomentInterpreter(nn.Module):
                 "posterior), replace the op by a supported one, or add a rule with "
                 "@momentprop.passes.register(<op>) (see the README, 'Adding an op')."
             )
-        covariance = "full" if node in self.keeps_maps else self.config.covariance
-        ctx = RuleContext(covariance, self.config.attention, self.config.predictive, node in self.attention_weights)
+        covariance = "full" if node in self.facts.keeps_maps else self.config.covariance
+        is_attention = node in self.facts.attention_weights
+        ctx = RuleContext(covariance, self.config.attention, self.config.predictive, is_attention)
         out = rule.fn(ctx, *args, **kwargs)
         if covariance == "full":
             pytree.tree_map_only(Moment, lambda m: _check_full_size(m, _describe(node)), out)
@@ -246,9 +186,9 @@ class MomentInterpreter(nn.Module):
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 env[node] = self._bind(next(placeholders), user_inputs, moments)
-            elif node.op == "call_function" and node in self.needed:
+            elif node.op == "call_function" and node in self.facts.needed:
                 env[node] = self._run_node(node, env)
-        return self._head(env[self.output_node])
+        return self._head(env[self.facts.output])
 
     def _head(self, out: object) -> tuple[torch.Tensor, ...]:
         full = self.config.returns_covariance

@@ -36,7 +36,10 @@ def _softmax_moment(ctx: RuleContext, x: Moment, dim: int, probs: Tensor) -> Mom
     return Moment.diagonal(probs, var.clamp_min(0.0))
 
 
-@register(aten._softmax.default, aten.softmax.int, whole=True)
+SOFTMAXES = (aten._softmax.default, aten.softmax.int)
+
+
+@register(*SOFTMAXES, whole=True)
 def softmax(ctx: RuleContext, x: Moment, dim: int, half_or_dtype=None) -> Moment | Tensor:
     """Softmax linearised; attention weights under the paper's rule are taken at the mean instead."""
     probs = torch.softmax(x.mean, dim)

@@ -93,14 +93,18 @@ slice_ = def_structural(aten.slice.Tensor, lambda x, y, dim=0, start=None, end=N
                         slice_move(x.dim(), dim, start, end, step, x.shape[dim]), moved_tags=_same_tags)
 def_structural(aten.expand.default, lambda x, y, *args, **kwargs: expand_move(x.shape, y.shape),
                moved_tags=lambda tags, x, y, *a, **k: (frozenset(),) * (y.dim() - x.dim()) + tags)
-def_copy(aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
-         aten._to_copy.default)
+COPIES = (aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
+          aten._to_copy.default)
+def_copy(*COPIES)
 
 
 @register(aten.dropout.default)
 def dropout(ctx: RuleContext, x: Moment, p: float = 0.5, train: bool = False) -> Moment:
     """Dropout at inference is the identity."""
     return x
+
+
+IDENTITIES = frozenset(COPIES) | {aten.dropout.default}  # a value passes through these unchanged
 
 
 @register(aten.cat.default, whole=True)

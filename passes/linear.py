@@ -235,3 +235,7 @@ def matmul(ctx: RuleContext, a, w) -> Moment:
     """``a @ w``; a random left operand's maps act over its last dim."""
     mean = torch.matmul(mean_of(a), mean_of(w))
     return product(ctx, mean, a, w)
+
+
+MATRIX_PRODUCTS = frozenset({aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default,
+                             aten.matmul.default})

@@ -1,0 +1,77 @@
+"""Step 3a: what the moment rules need to know about the captured graph as a whole, found once before it is
+interpreted: which nodes the first output needs, which softmaxes are attention weights, and which nodes follow the
+final linear layer (whose covariance ``output_covariance`` keeps)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils import _pytree as pytree
+
+from momentprop.passes.attention import SOFTMAXES
+from momentprop.passes.data_movement import IDENTITIES
+from momentprop.passes.linear import MATRIX_PRODUCTS
+
+from .errors import CaptureError
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    output: torch.fx.Node  # the model's first output tensor, whose moments are computed
+    needed: set[torch.fx.Node]  # the nodes it depends on (the others feed only other outputs and are skipped)
+    keeps_maps: set[torch.fx.Node]  # nodes from the final linear layer on (full covariance under output_covariance)
+    attention_weights: set[torch.fx.Node]  # softmaxes whose result is the left operand of a matrix product
+
+
+def analyse(graph: torch.fx.Graph, output_covariance: bool) -> GraphFacts:
+    output = _first_output(graph)
+    needed = _reachable(output, upstream=True)
+    final_layer = _final_layer(graph, needed) if output_covariance else None
+    keeps_maps = _reachable(final_layer, upstream=False) if final_layer is not None else set()
+    return GraphFacts(output, needed, keeps_maps, _attention_weights(graph))
+
+
+def _first_output(graph: torch.fx.Graph) -> torch.fx.Node:
+    """The first tensor the model returns (the logits of a (logits, kl) pair or of a model-output container)."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    leaves = [leaf for leaf in pytree.tree_leaves(output.args) if isinstance(leaf, torch.fx.Node)]
+    if not leaves:
+        raise CaptureError("the model returns no tensor; momentprop needs a tensor output to propagate moments to")
+    return leaves[0]
+
+
+def _attention_weights(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Softmax nodes whose result (through copies and dropout) is the left operand of a matrix product: the
+    attention weights, which the paper's rule takes at the mean.  Any other softmax (a classifier's) is
+    linearised."""
+    found = set()
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in SOFTMAXES:
+            continue
+        frontier = [node]
+        while frontier:
+            value = frontier.pop()
+            for user in value.users:
+                if user.target in MATRIX_PRODUCTS and user.args and user.args[0] is value:
+                    found.add(node)
+                elif user.target in IDENTITIES:
+                    frontier.append(user)
+    return found
+
+
+def _reachable(node: torch.fx.Node, upstream: bool) -> set[torch.fx.Node]:
+    """``node`` and every node it depends on (``upstream``) or that depends on it."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes if upstream else n.users)
+    return seen
+
+
+def _final_layer(graph: torch.fx.Graph, needed: set[torch.fx.Node]) -> torch.fx.Node | None:
+    """The last matrix-product node the output depends on."""
+    finals = [n for n in graph.nodes if n in needed and n.op == "call_function" and n.target in MATRIX_PRODUCTS]
+    return finals[-1] if finals else None
