@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .linear import matmul
-from .moment import Moment, expand_move, is_random, mean_of, permute_move, reshape_move
+from .moment import Moment, diagonal_matrix, expand_move, is_random, mean_of, permute_move, reshape_move
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -29,7 +29,7 @@ def _softmax_moment(ctx: RuleContext, x: Moment, dim: int, probs: Tensor) -> Mom
     """Linearised softmax along ``dim``: ``J = diag(p) - p p^T``, applied to every map along the last dim; else
     (or collapsed) ``Var y_i = p_i^2 (v_i (1 - 2 p_i) + sum_j p_j^2 v_j)`` (exactly ``sum_j J_ij^2 v_j``)."""
     if ctx.keeps_maps and dim % probs.dim() == probs.dim() - 1:
-        jac = torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+        jac = diagonal_matrix(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
         return x.left_multiplied(probs, jac)
     v = x.variance()
     var = probs * probs * (v * (1.0 - 2.0 * probs) + (probs * probs * v).sum(dim, keepdim=True))
