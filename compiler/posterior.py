@@ -102,15 +102,7 @@ def _as_variance_tensor(key: object, variance: object) -> torch.Tensor:
 
 def _check_structure(key: str, spec: ParameterPosterior, param: torch.Tensor) -> ParameterPosterior:
     """Check the shapes of a structured parameter posterior against its parameter."""
-    if isinstance(spec, Kron):
-        out, n_in = param.shape if param.dim() == 2 else (None, None)
-        expected = {"q_out": (out, out), "q_in": (n_in, n_in), "d": (out, n_in)}
-    elif isinstance(spec, Dense):
-        out, n_in = param.shape if param.dim() == 2 else (None, None)
-        n = n_in + 1 if spec.with_bias and n_in is not None else n_in
-        expected = {"block": (out, n, out, n)}
-    else:
-        expected = {"cov": (param.numel(), param.numel()) if param.dim() == 1 else None}
+    expected = spec.expected_shapes(param)
     for field, shape in expected.items():
         tensor = getattr(spec, field)
         if tuple(tensor.shape) != shape:

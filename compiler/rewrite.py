@@ -21,15 +21,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
 
 from momentprop.passes import Moment, RuleContext, heads, lookup
-from momentprop.passes.moment import MatrixTangent, Noise
-from momentprop.passes.weights import DenseBlockNoise, KronNoise
+from momentprop.passes.moment import Noise
 
 from .capture import dynamic_shapes, with_batch_of_two
 from .errors import CaptureError, InputError, UnsupportedOpError
 from .options import Options
 from .prepass import analyse
 from .posterior import canonical_names
-from .structures import Dense, Kron, ParameterPosterior, Posterior
+from .structures import ParameterPosterior, Posterior
 
 def _buffer_name(prefix: str, name: str) -> str:
     return prefix + "__" + re.sub(r"[^0-9a-zA-Z_]", "_", name)
@@ -117,16 +116,7 @@ class MomentInterpreter(nn.Module):
     def _register_posterior(self, name: str, spec: ParameterPosterior, param: torch.Tensor) -> None:
         """Store the posterior of parameter ``name`` as buffers, with everything that depends on the posterior
         alone (marginal variances, rearranged blocks, eigenbases) computed here, once, rather than in the graph."""
-        if isinstance(spec, torch.Tensor):
-            tensors = {"var": spec}
-        elif isinstance(spec, Kron):
-            marginal = KronNoise.marginal_variance(spec.q_out, spec.q_in, spec.d)
-            tensors = {"var": marginal, "q_out": spec.q_out, "q_in": spec.q_in, "d": spec.d}
-        elif isinstance(spec, Dense):
-            tensors = DenseBlockNoise.prepare(spec.block, param.shape[1])
-        else:  # a dense covariance of a vector: a diagonal noise in its eigenbasis
-            values, q = torch.linalg.eigh(spec.cov.double())
-            tensors = {"var": values.clamp_min(0.0), "q": q}
+        tensors = {"var": spec} if isinstance(spec, torch.Tensor) else spec.buffers(param)
         for field_name, tensor in tensors.items():
             self.register_buffer(_buffer_name(field_name, name), tensor.to(param.dtype).clone())
         self.posterior_kinds[name] = None if isinstance(spec, torch.Tensor) else spec
@@ -137,11 +127,8 @@ class MomentInterpreter(nn.Module):
         field = lambda f: getattr(self, _buffer_name(f, name))  # noqa: E731
         if spec is None:
             return Moment.of_noise(mean, Noise(field("var")))
-        if isinstance(spec, Kron):
-            return Moment.of_noise(mean, KronNoise(field("q_out"), field("q_in"), field("d"), field("var")))
-        if isinstance(spec, Dense):
-            return Moment.of_noise(mean, DenseBlockNoise(field("full_block"), spec.with_bias, field("var")))
-        return Moment.of_noise(mean, Noise(field("var")), jacobian=MatrixTangent.of(field("q")))
+        noise, jacobian = spec.noise(field)
+        return Moment.of_noise(mean, noise, jacobian=jacobian)
 
     def _bind(self, binding: tuple, user_inputs, moments: dict) -> object:
         if binding[0] == "input":
