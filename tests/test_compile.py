@@ -212,3 +212,23 @@ def test_model_with_varargs_forward():
     x, y = torch.randn(4, 3), torch.randn(4, 3)
     mean, _ = mp.compile(model, 1e-3, (x, y))(x, y)
     torch.testing.assert_close(mean, model(x, y))
+
+
+@pytest.mark.parametrize("options", [{}, {"covariance": "full", "predictive": "glm"},
+                                     {"likelihood": "classification", "output_covariance": True}])
+def test_eager_runs_the_same_rules_as_the_compiled_graph(mlp, inputs, options):
+    posterior = random_posterior(mlp, 1e-2)
+    compiled = mp.compile(mlp, posterior, (inputs,), **options)
+    eager = mp.eager(mlp, posterior, (inputs,), **options)
+    x = torch.randn(5, inputs.shape[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = eager(x)
+    want = compiled._run((x,))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_eager_refuses_an_unknown_option(mlp, inputs):
+    with pytest.raises(mp.InputError, match="unknown option"):
+        mp.eager(mlp, 1e-3, (inputs,), covariances="full")
