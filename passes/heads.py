@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from .moment import diagonal_matrix
+from .moment import Moment, diagonal_matrix
 
 
 def diagonal(variance_or_cov: Tensor, full: bool) -> Tensor:
@@ -68,3 +68,21 @@ def class_probabilities(mean: Tensor, variance_or_cov: Tensor, full: bool, link:
         return probit(mean, diagonal(variance_or_cov, full))
     cov = variance_or_cov if full else diagonal_matrix(variance_or_cov)
     return laplace_bridge(mean, cov, normalise=link == "bridge_norm")
+
+
+def outputs(value: object, full: bool, variance_scale: Tensor, likelihood: str | None, link: str = "probit",
+            noise_variance: Tensor | None = None) -> tuple[Tensor, ...]:
+    """The compiled model's outputs from the output value (a moment, or a tensor where nothing was random):
+    ``(mean, (co)variance)``, then the class probabilities or the regression predictive (co)variance.  A rounding
+    residue is removed first: variances are clamped at 0, covariances symmetrised."""
+    if isinstance(value, Moment):
+        mean, var = value.mean, symmetric(value.covariance()) if full else value.variance().clamp_min(0.0)
+    else:
+        mean = value
+        var = value.new_zeros(*value.shape, value.shape[-1]) if full else torch.zeros_like(value)
+    var = var * variance_scale
+    if likelihood == "classification":
+        return mean, var, class_probabilities(mean, var, full, link)
+    if likelihood == "regression":
+        return mean, var, add_observation_noise(var, noise_variance, full)
+    return mean, var
