@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Sequence
@@ -107,7 +108,9 @@ class CompiledModel:
         def nlpd(scale: float) -> float:
             return predictive_nlpd(means, variances * scale, labels, self.info.options)
 
-        self.program.state_dict["variance_scale"].fill_(fit_scale(nlpd, self.variance_scale, bounds))
+        scale = fit_scale(nlpd, self.variance_scale, bounds)
+        self.program.state_dict["variance_scale"].fill_(scale)
+        self.info = dataclasses.replace(self.info, options=dataclasses.replace(self.info.options, variance_scale=scale))
         return self.variance_scale
 
     def _latent_moments(self, data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -38,6 +38,7 @@ def test_calibration_shrinks_an_overdispersed_classification_posterior(tmp_path)
     before_fit, before_test = _heldout_nlpd(cm, x_fit, y_fit), _heldout_nlpd(cm, x_test, y_test)
     scale = cm.calibrate(DataLoader(TensorDataset(x_fit, y_fit), batch_size=64))
     assert scale < 0.5 and cm.variance_scale == pytest.approx(scale)
+    assert cm.info.options.variance_scale == pytest.approx(scale)  # the options that a saved model carries agree
     assert _heldout_nlpd(cm, x_fit, y_fit) <= before_fit
     assert _heldout_nlpd(cm, x_test, y_test) < before_test
     out = mp.OnnxRunner(cm.to_onnx(tmp_path / "calibrated.onnx"))(x_test)
