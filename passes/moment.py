@@ -762,12 +762,14 @@ def merged(mean: Tensor, terms: Iterable[Term], onto_maps: bool = False) -> Mome
     terms = list(terms)
     if onto_maps:
         terms = _on_common_roots(_summed_weight_uses(terms, mean), mean)
-    elif _crowded(terms, mean):
-        mapped = _on_common_roots([t for t in terms if t.jacobian is not None], mean)
-        terms, onto_maps = mapped + [t for t in terms if t.jacobian is None], True
+    crowded = set() if onto_maps else _crowded(terms, mean)
+    if crowded:
+        mapped = [t for t in terms if t.jacobian is not None and id(t.noise) in crowded]
+        terms = _on_common_roots(mapped, mean) + [t for t in terms if t.jacobian is None or id(t.noise) not in crowded]
     groups: dict[tuple, list[Term]] = {}
     for t in terms:
-        groups.setdefault(t.merge_key if onto_maps else (*t.merge_key, id(t.jacobian)), []).append(t)
+        adds_maps = onto_maps or id(t.noise) in crowded
+        groups.setdefault(t.merge_key if adds_maps else (*t.merge_key, id(t.jacobian)), []).append(t)
     out: list[Term] = []
     for group in groups.values():
         out.extend(group if len(group) == 1 else _merge(group, mean))
@@ -776,21 +778,24 @@ def merged(mean: Tensor, terms: Iterable[Term], onto_maps: bool = False) -> Mome
     return Moment(mean, tuple(out))
 
 
-_DENSE_MERGE_BUDGET = 1 << 16  # entries of one row's dense map (C * root width) up to which maps are added
+# entries of one row's dense map (C x root width, or C x k * m for a weight's entries) up to which maps are added
+_ROW_MAP_BUDGET = 1 << 16
 
 
-def _crowded(terms: list[Term], mean: Tensor) -> bool:
-    """Whether some noise has several matrix maps that are cheap to add as dense matrices: an elementwise op of a
+def _crowded(terms: list[Term], mean: Tensor) -> set[int]:
+    """The noises (ids) with several matrix maps that are cheap to add as dense matrices: an elementwise op of a
     recurrence (``z * h + (1 - z) * n``) would otherwise carry every earlier step's maps apart, so the terms, and
-    the graph, grow with each step."""
+    the graph, grow with each step.  Other noises keep their maps apart (a large map is formed only once, when a
+    covariance is, and from its cheaper end)."""
     seen: set[int] = set()
+    crowded: set[int] = set()
     for t in terms:
         if t.jacobian is None:
             continue
-        if id(t.noise) in seen and mean.shape[-1] * t.jacobian.root_size <= _DENSE_MERGE_BUDGET:
-            return True
+        if id(t.noise) in seen and mean.shape[-1] * t.jacobian.root_size <= _ROW_MAP_BUDGET:
+            crowded.add(id(t.noise))
         seen.add(id(t.noise))
-    return False
+    return crowded
 
 
 def _merge(group: list[Term], mean: Tensor) -> list[Term]:
@@ -816,7 +821,6 @@ def _merge(group: list[Term], mean: Tensor) -> list[Term]:
     return [Term(first.noise, settled_terms[0].layout, MatrixTangent.of(j))]
 
 
-_WEIGHT_MAP_BUDGET = 1 << 16  # entries of one row's map of a weight (C * k * m) up to which its uses are summed
 
 
 def _summed_weight_uses(terms: list[Term], mean: Tensor) -> list[Term]:
@@ -899,7 +903,7 @@ def _weight_map(t: Term, mean: Tensor, force: bool = False) -> Tensor | None | b
         return False
     if not isinstance(use, WeightEntries):
         k, m = use.weight_var.shape[-2:]
-        if not force and mean.shape[-1] * k * m > _WEIGHT_MAP_BUDGET:
+        if not force and mean.shape[-1] * k * m > _ROW_MAP_BUDGET:
             return False
     layout, cuts = _canonical_root(t, mean)
     if not layout.rows_only:  # entries found by moving index tensors (a transpose of the features, say)
