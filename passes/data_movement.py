@@ -74,7 +74,7 @@ def _transpose_move(x: Tensor, y: Tensor, dim0: int, dim1: int) -> Move:
     order = list(range(x.dim()))
     a, b = dim0 % x.dim(), dim1 % x.dim()
     order[a], order[b] = order[b], order[a]
-    return permute_move(order)
+    return permute_move(order, x.shape)
 
 
 for _op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
@@ -82,10 +82,10 @@ for _op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
 def_structural(aten.unsqueeze.default, _reshaped, moved_tags=_reshaped_tags)
 for _op in (aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims):
     def_structural(_op, _reshaped, moved_tags=_reshaped_tags)
-def_structural(aten.permute.default, lambda x, y, dims: permute_move(dims),
+def_structural(aten.permute.default, lambda x, y, dims: permute_move(dims, x.shape),
                moved_tags=lambda tags, x, y, dims: permuted(tags, dims))
 def_structural(aten.transpose.int, _transpose_move, moved_tags=lambda tags, x, y, d0, d1: transposed(tags, d0, d1))
-def_structural(aten.t.default, lambda x, y: permute_move(list(range(x.dim()))[::-1]),
+def_structural(aten.t.default, lambda x, y: permute_move(list(range(x.dim()))[::-1], x.shape),
                moved_tags=lambda tags, x, y: tags[::-1])
 def_structural(aten.select.int, lambda x, y, dim, index: select_move(x.dim(), dim, index),
                moved_tags=lambda tags, x, y, dim, index: tags[:dim % len(tags)] + tags[dim % len(tags) + 1:])

@@ -172,9 +172,15 @@ def reshape_move(shape_in, shape_out) -> Move:
                 f"reshape{_shape_key(key_in)}->{_shape_key(key_out)}")
 
 
-def permute_move(dims: Sequence[int]) -> Move:
+def permute_move(dims: Sequence[int], shape=None) -> Move:
+    """``shape``: the input's, when known; a permute that keeps the order of the dims larger than 1 only moves
+    dims of size 1 and is a reshape (so a transpose round trip through a size-1 dim composes to nothing)."""
     n = len(dims)
     dims = tuple(d % n for d in dims)
+    if shape is not None:
+        big = [d for d in dims if not statically_known_true(shape[d] == 1)]
+        if big == sorted(big):
+            return reshape_move(tuple(shape), tuple(shape[d] for d in dims))
     return Move("permute", (dims,), dims[-1] == n - 1, f"permute{dims}")
 
 
@@ -227,8 +233,7 @@ def _composed(first: Move, second: Move) -> Move | None:
         shape_in, shape_out = first.args[0], second.args[1]
         if same_shape(shape_in, shape_out):
             return IDENTITY
-        composed = reshape_move(shape_in, shape_out)
-        return None if composed.rows_only else composed
+        return reshape_move(shape_in, shape_out)
     if first.kind == second.kind == "permute" and len(first.args[0]) == len(second.args[0]):
         dims = tuple(first.args[0][d] for d in second.args[0])
         return IDENTITY if dims == tuple(range(len(dims))) else permute_move(dims)
@@ -974,11 +979,34 @@ def settled(t: Term, mean: Tensor | None = None) -> Term | None:
                 if not jacobian.is_shared_matrix:
                     jacobian = MatrixTangent.of(rows.apply(_dense_per_row(jacobian, layout, t.noise), tail + 1))
                 layout = layout.then(rows, tail)
+        elif (split := _split_of_last(move)) is not None:  # new rows cut from the features: J's rows reshaped
+            dense = _dense_per_row(jacobian, layout, t.noise)
+            rows = dense.shape[:-2]
+            jacobian = MatrixTangent.of(dense.reshape(*rows, *split, dense.shape[-1]))
+            root = (*rows, dense.shape[-1])
+            ones = (*rows, *(1 for _ in split[:-1]), dense.shape[-1])
+            layout = layout.then(reshape_move(root, ones), tail).then(
+                expand_move(ones, (*rows, *split[:-1], dense.shape[-1])), tail)
         else:
             variance = _term_variance(Term(t.noise, layout, jacobian))
             rest = Layout(t.after.moves[i:])
             return Term(Noise(variance), rest, None, NO_MOVES, t.scale)
     return Term(t.noise, layout, jacobian, NO_MOVES, t.scale, t.shared)
+
+
+def _split_of_last(move: Move) -> tuple | None:
+    """The new trailing dims (..., k, c) of a reshape that only splits the last dimension, else None."""
+    if move.kind != "reshape" or move.rows_only:
+        return None
+    shape_in, shape_out = move.args
+    rows = len(shape_in) - 1
+    if len(shape_out) <= len(shape_in) or not same_shape(shape_in[:rows], shape_out[:rows]):
+        return None
+    split = tuple(shape_out[rows:])
+    size = 1
+    for d in split:
+        size = size * d
+    return split if statically_known_true(size == shape_in[-1]) else None
 
 
 def _selection(move: Move, like: Tensor) -> Tensor:

@@ -436,19 +436,12 @@ def _compiled(res: Result, program: Program):
         pytest.fail(f"{program.text()}\ncompiling failed: {type(res.compiled).__name__}: {res.compiled}")
 
 
-# Programs whose covariance check fails with today's rules (measured 2026-12-03 on the committed rules, before the
-# rewrite; ``python tests/test_corpus.py`` measures again): program -> (largest absolute error / max|oracle cov|,
-# worst |error| / (atol + rtol |expected|)). The checks stay; these programs are xfail(strict=False), so a program
-# that a rewritten rule makes exact shows up as XPASS. The mean and PSD checks pass for every program today.
-# with the one-representation rules, recurrences and the reused layer in the menu (measured 2026-12-03 with
-# ``python tests/test_corpus.py``): ten programs of 200 are off, each a matrix map moved through its last dimension
-# (a transpose round trip, or the stack of a recurrence's steps from an input that went through a linear layer,
-# which moves features into the time axis); to be fixed by expanding the root along the new rows
-KNOWN_INEXACT_COV: dict[str, tuple[float, float]] = {
-    "p001": (0.21, 2.5e3), "p003": (0.049, 1.2e3), "p036": (0.034, 2.1e3), "p041": (0.126, 4.2e3),
-    "p050": (0.014, 570.0), "p135": (0.144, 1.1e4), "p162": (0.455, 1.1e4), "p187": (0.265, 0.0),
-    "p188": (0.017, 380.0), "p193": (0.193, 3.7e3),
-}
+# Programs whose covariance check fails with today's rules: program -> (largest absolute error / max|oracle cov|,
+# worst |error| / (atol + rtol |expected|)); such a program is xfail(strict=False) and its checks stay.
+# ``python tests/test_corpus.py`` measures again.  None since 2026-12-03: the last ten were a matrix map moved
+# through its last dimension (a transpose round trip through a size-1 dim, the stack of a recurrence's steps
+# viewed as (batch, steps, features)), now moved exactly.
+KNOWN_INEXACT_COV: dict[str, tuple[float, float]] = {}
 KNOWN_INEXACT: dict[str, dict[str, str]] = {
     "cov": {k: f"max error about {e:.1%} of max|cov| (tolerance ratio {r:.2g})"
             for k, (e, r) in KNOWN_INEXACT_COV.items()},

@@ -354,10 +354,10 @@ TABLE: list[OpInfo] = [
                 unreached=UNREACHED_REASONS["sym"]),
 ]
 
-# Checks that fail with today's rules (measured 2026-12-03 on the committed rules, before the rewrite): the check
-# is kept, the entry marked xfail(strict=False), so a fixed rule shows up as XPASS. "error" is the largest absolute
+# Checks that fail with today's rules (measured 2026-12-03): the check is kept, the entry marked xfail(strict=False),
+# so a fixed rule shows up as XPASS (the views, permutes and splits through the last dim, and the self-products
+# through copies, listed here before, are exact since 2026-12-03). "error" is the largest absolute
 # error over the largest oracle (co)variance; "ratio" the worst |error| / (atol + rtol |expected|).
-_LOST = "full mode keeps a covariance over the last dim only; "
 XFAIL_TODAY: dict[tuple[str, str], str] = {
     ("jacobian", "bmm.default[two random operands]"):
         "the second operand's rows (tokens) share weight noise, and their cross-row covariance is not carried: "
@@ -366,25 +366,6 @@ XFAIL_TODAY: dict[tuple[str, str], str] = {
         "linearised attention drops the cross-token covariances of q, k and v (shared weight noise): error 56%, "
         "ratio 5.3e3",
     ("jacobian", "scaled_dot_product_attention.default[self causal]"): "as above, q = k = v: error 35%, ratio 4.9e3",
-    ("jacobian", "view.default[through the last dim]"):
-        _LOST + "a view that moves the features out of it zeroes their covariances: error 30%, ratio 7.5e3",
-    ("jacobian", "permute.default[through the last dim]"): _LOST + "error 17%, ratio 6.2e3",
-    ("jacobian", "transpose.int[through the last dim]"): _LOST + "error 15%, ratio 6.0e3",
-    ("jacobian", "unsqueeze.default[features through a last dim of size 1]"):
-        _LOST + "(B, H) -> (B, H, 1) -> (B, 1, H) -> (B, H) zeroes the feature covariances: error 33%, ratio 7.7e3 "
-        "(also with the rules of the rewrite as of 2026-12-03 07:20)",
-    ("jacobian", "t.default"): _LOST + "h.t().exp().t() zeroes the feature covariances: error 15%, ratio 5.9e3",
-    ("jacobian", "cat.default[parts of one value]"):
-        "cat of parts cut from one random value drops their cross-covariance (documented in the cat rule): "
-        "error 37%, ratio 7.9e3",
-    ("jacobian", "split.Tensor"):
-        "the split parts of one value lose their cross-covariance, so sigmoid(a) * c + b is off: error 5.5%, "
-        "ratio 2.0e3",
-    ("jacobian", "split_with_sizes.default"): "cat of the split parts of one value: error 13%, ratio 5.7e3",
-    ("jacobian", "clone.default[self product of one random layer]"):
-        "h * h.clone() with h a random layer's output on a deterministic input: the copy is taken as an independent "
-        "value, the variance is half the exact one (error 50%, ratio 4.6e3); on a deeper value it is exact",
-    ("jacobian", "mul.Tensor[self product through a view]"): "h * h.view(h.shape), as above: error 50%, ratio 4.6e3",
 }
 for _e in TABLE:
     for (_oracle, _id), _reason in XFAIL_TODAY.items():
