@@ -60,6 +60,7 @@ def compile(
     input_variance: bool = False,
     attention: str = "paper",
     predictive: str = "suq",
+    activations: str = "linearised",
 ) -> CompiledModel:
     """Compile ``model`` with a Gaussian weight ``posterior`` into a moment graph for the moments of the
     model's first output tensor.
@@ -83,11 +84,15 @@ def compile(
         predictive: ``"suq"`` (the paper's moment matching) or ``"glm"`` (first order in the weights: with
             ``covariance="full"`` exactly laplace-torch's linearised (GLM) predictive for posteriors that are
             block-diagonal across layers; "glm" implies ``attention="linearised"``).
+        activations: ``"linearised"`` (the paper: each activation linearised at its input mean, so the mean is the
+            plain forward pass) or ``"moment_matched"`` (each activation's Gaussian moments, with its expected
+            slope carrying the correlations: bounded variances for saturating activations, a corrected mean; with
+            ``predictive="suq"`` only).
     """
     keywords = dict(
         covariance=covariance, likelihood=likelihood, sigma_noise=sigma_noise, output_covariance=output_covariance,
         variance_scale=variance_scale, link=link, input_variance=input_variance, attention=attention,
-        predictive=predictive,
+        predictive=predictive, activations=activations,
     )
     interpreter, program, inputs = _interpreter(model, posterior, example_inputs, keywords)
     with quiet_torch():

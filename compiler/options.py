@@ -22,6 +22,7 @@ COVARIANCES = ("diag", "full")
 LIKELIHOODS = (None, "classification", "regression")
 ATTENTION = ("paper", "linearised")
 PREDICTIVES = ("suq", "glm")
+ACTIVATIONS = ("linearised", "moment_matched")
 
 
 def number(name: str, value: object) -> float:
@@ -59,6 +60,7 @@ class Options:
     input_variance: bool = False
     attention: str = "paper"
     predictive: str = "suq"
+    activations: str = "linearised"
 
     def __post_init__(self) -> None:
         if self.covariance not in COVARIANCES:
@@ -79,6 +81,13 @@ class Options:
             raise InputError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.predictive not in PREDICTIVES:
             raise InputError(f"predictive must be one of {PREDICTIVES}, got {self.predictive!r}")
+        if self.activations not in ACTIVATIONS:
+            raise InputError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
+        if self.activations == "moment_matched" and self.predictive == "glm":
+            raise InputError(
+                "activations='moment_matched' does not apply to predictive='glm', which linearises every op by "
+                "definition; use predictive='suq' with moment-matched activations, or activations='linearised'"
+            )
         normalised = {
             "sigma_noise": sigma_noise,
             "variance_scale": variance_scale,
@@ -114,6 +123,7 @@ class Options:
             "input_variance": self.input_variance,
             "attention": self.attention,
             "predictive": self.predictive,
+            "activations": self.activations,
             "sigma_noise": self.sigma_noise,
         }
 
@@ -138,6 +148,7 @@ class CompiledInfo:
     input_variance = property(lambda self: self.options.input_variance)
     attention = property(lambda self: self.options.attention)
     predictive = property(lambda self: self.options.predictive)
+    activations = property(lambda self: self.options.activations)
     returns_covariance = property(lambda self: self.options.returns_covariance)
 
     def to_json(self) -> dict[str, object]:

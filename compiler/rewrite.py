@@ -95,7 +95,8 @@ class MomentInterpreter(nn.Module):
             )
         covariance = "full" if node in self.facts.keeps_maps else self.config.covariance
         is_attention = node in self.facts.attention_weights
-        ctx = RuleContext(covariance, self.config.attention, self.config.predictive, is_attention)
+        ctx = RuleContext(covariance, self.config.attention, self.config.predictive, is_attention,
+                          self.config.activations)
         out = rule.fn(ctx, *args, **kwargs)
         if covariance == "full":
             pytree.tree_map_only(Moment, lambda m: _check_full_size(m, _describe(node)), out)

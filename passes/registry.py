@@ -35,12 +35,15 @@ class RuleContext:
     ``attention`` is ``"paper"`` (attention weights from the means) or ``"linearised"`` (see attention.py).
     ``predictive`` is ``"suq"`` (the paper's moment matching) or ``"glm"`` (first order in the weights).
     ``attention_weights``: the node is a softmax whose result weighs values in a matrix product (attention).
+    ``activations``: ``"linearised"`` (the paper: ``f'(m)`` at the mean) or ``"moment_matched"`` (each activation's
+    Gaussian moments, ``activations.py``).
     """
 
     covariance: Covariance = "diag"
     attention: str = "paper"
     predictive: str = "suq"
     attention_weights: bool = False
+    activations: str = "linearised"
 
     @property
     def first_order(self) -> bool:

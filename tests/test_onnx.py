@@ -45,6 +45,25 @@ def test_onnx_runtime_equals_torch_at_any_batch(tmp_path, covariance, output_cov
         np.testing.assert_allclose(out["mean"], model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_moment_matched_activations_export(tmp_path, covariance):
+    """The moment-matched rules (closed forms and quadrature) in ONNX Runtime equal torch at other batch sizes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU6(),
+                          nn.Linear(16, 3)).eval()
+    cm = mp.compile(model, random_posterior(model, 1e-1), torch.randn(2, 6), covariance=covariance,
+                    activations="moment_matched")
+    runner = mp.OnnxRunner(cm.to_onnx(tmp_path / "m.onnx"))
+    assert runner.model_card["activations"] == "moment_matched"
+    for batch in (1, 9):
+        x = torch.randn(batch, 6)
+        mean, var = cm(x)
+        out = runner(x)
+        np.testing.assert_allclose(out["mean"], mean.numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(out[runner.output_names[1]], var.numpy(), rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(mean, model(x))  # the mean is corrected
+
+
 def test_regression_file_carries_the_noise(tmp_path):
     model = make_mlp([4, 16, 2])
     cm = mp.compile(model, 1e-3, (torch.randn(3, 4),), likelihood="regression", sigma_noise=0.5)
