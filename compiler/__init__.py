@@ -31,9 +31,11 @@ from .errors import (
 )
 from .meanfield import deterministic_meanfield
 from .onnx_runner import OnnxRunner, predict_onnx
-from .options import CompiledInfo, Options
+from .options import AUTOMATIC, CompiledInfo, Options, default_covariance, default_predictive
 from .persist import load_posterior, save_posterior
+from .laplace import is_laplace
 from .posterior import couples_layers, likelihood_of, read_posterior
+from .prepass import has_attention, output_shape
 from .rewrite import MomentInterpreter, rewrite
 from .runtime import CompiledModel, load
 from .structures import Dense, FullCovariance, Kron
@@ -51,7 +53,7 @@ def compile(
     posterior: object = None,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     *,
-    covariance: str = "diag",
+    covariance: str | None = None,
     likelihood: str | None = None,
     sigma_noise: float | None = None,
     output_covariance: bool = False,
@@ -59,7 +61,7 @@ def compile(
     link: str = "probit",
     input_variance: bool = False,
     attention: str = "paper",
-    predictive: str = "suq",
+    predictive: str | None = None,
     activations: str = "linearised",
 ) -> CompiledModel:
     """Compile ``model`` with a Gaussian weight ``posterior`` into a moment graph for the moments of the
@@ -71,7 +73,9 @@ def compile(
             ``model.parameters()`` order, a float, an ``ivon.IVON`` optimizer, or None for a model built from
             mean-field layers (bayesian-torch), whose posterior is in the layers.
         example_inputs: tensors for one call ``model(*example_inputs)``; dim 0 is the (dynamic) batch.
-        covariance: ``"diag"`` (variances) or ``"full"`` (covariance over the last dim, per sample).
+        covariance: ``"diag"`` (variances) or ``"full"`` (covariance over the last dim, per sample).  Default:
+            ``"full"`` where it is cheap (a vector output of at most 128 features, no layer wider than 512, no
+            attention), else ``"diag"``; ``cm.info.options.automatic`` names the options chosen by default.
         likelihood: ``"classification"`` (probit head), ``"regression"`` (observation noise) or None.
         sigma_noise: regression observation noise standard deviation.
         output_covariance: in diag mode, return the full covariance of the final layer's output.
@@ -83,7 +87,8 @@ def compile(
             ``"linearised"`` (the softmax linearised, so uncertainty in queries and keys propagates too).
         predictive: ``"suq"`` (the paper's moment matching) or ``"glm"`` (first order in the weights: with
             ``covariance="full"`` exactly laplace-torch's linearised (GLM) predictive for posteriors that are
-            block-diagonal across layers; "glm" implies ``attention="linearised"``).
+            block-diagonal across layers; "glm" implies ``attention="linearised"``).  Default: laplace-torch's own
+            default, "glm", for a laplace-torch posterior that does not couple layers; "suq" otherwise.
         activations: ``"linearised"`` (the paper: each activation linearised at its input mean, so the mean is the
             plain forward pass) or ``"moment_matched"`` (each activation's Gaussian moments, with its expected
             slope carrying the correlations: bounded variances for saturating activations, a corrected mean; with
@@ -118,7 +123,7 @@ def eager(
 def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: dict) -> tuple:
     """The checks, capture and posterior of :func:`compile`: (the moment interpreter, the captured program, the
     example inputs the moment graph is traced with)."""
-    unknown = sorted(set(keywords) - {f.name for f in dataclasses.fields(Options)})
+    unknown = sorted(set(keywords) - {f.name for f in dataclasses.fields(Options)} | ({"automatic"} & set(keywords)))
     if unknown:
         raise InputError(f"unknown option(s) {unknown}; the options are those of momentprop.compile")
     likelihood, sigma_noise = keywords.get("likelihood"), keywords.get("sigma_noise")
@@ -126,9 +131,15 @@ def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: 
     likelihood = likelihood or fitted_likelihood
     if likelihood == "regression" and sigma_noise is None:
         sigma_noise = fitted_sigma
-    options = Options(**{**keywords, "likelihood": likelihood, "sigma_noise": sigma_noise})
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    automatic = tuple(name for name in AUTOMATIC if keywords.get(name) is None)
+    if "predictive" in automatic:
+        keywords["predictive"] = default_predictive(
+            is_laplace(posterior), couples_layers(model, posterior), keywords.get("activations") or "linearised")
+    provisional = {"covariance": keywords.get("covariance") or "diag"}  # chosen from the graph after capture
+    options = Options(**{**keywords, **provisional, "likelihood": likelihood, "sigma_noise": sigma_noise,
+                         "automatic": automatic})
     if options.predictive == "glm":
         if couples_layers(model, posterior):
             raise PosteriorError(
@@ -159,6 +170,10 @@ def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: 
     with quiet_torch():
         with deterministic_meanfield(model):
             program = capture(model, inputs)
+        if "covariance" in automatic:
+            widest = max((p.shape[0] for p in model.parameters() if p.dim()), default=1)
+            options = dataclasses.replace(options, covariance=default_covariance(
+                output_shape(program.graph), widest, has_attention(program.graph)))
         interpreter = MomentInterpreter(program, model, variances, options)
         if options.input_variance:
             inputs = inputs + tuple(torch.zeros_like(x) for x in inputs)

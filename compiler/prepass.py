@@ -75,3 +75,15 @@ def _final_layer(graph: torch.fx.Graph, needed: set[torch.fx.Node]) -> torch.fx.
     """The last matrix-product node the output depends on."""
     finals = [n for n in graph.nodes if n in needed and n.op == "call_function" and n.target in MATRIX_PRODUCTS]
     return finals[-1] if finals else None
+
+
+def has_attention(graph: torch.fx.Graph) -> bool:
+    """Attention weights or a fused attention op anywhere in the graph."""
+    return bool(_attention_weights(graph)) or any(
+        node.op == "call_function" and node.target is torch.ops.aten.scaled_dot_product_attention.default
+        for node in graph.nodes)
+
+
+def output_shape(graph: torch.fx.Graph) -> tuple:
+    """The shape of the model's first output (symbolic sizes for dynamic dims)."""
+    return tuple(_first_output(graph).meta["val"].shape)

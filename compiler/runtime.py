@@ -46,6 +46,17 @@ class CompiledModel:
     random_parameters = property(lambda self: list(self.info.random_parameters))
     returns_covariance = property(lambda self: self.info.returns_covariance)
 
+    def __repr__(self) -> str:
+        options = self.info.options
+
+        def shown(name: str) -> str:
+            chosen = " (default for this posterior and graph)" if name in options.automatic else ""
+            return f"{name}={getattr(options, name)!r}{chosen}"
+
+        parts = [shown("predictive"), shown("covariance"), shown("activations"), f"likelihood={options.likelihood!r}",
+                 f"variance_scale={self.variance_scale:.4g}", f"random parameters: {len(self.random_parameters)}"]
+        return "CompiledModel(" + ", ".join(parts) + ")"
+
     @property
     def variance_scale(self) -> float:
         """Multiplies the output (co)variance; a buffer of the moment graph, so it reaches the ONNX file."""

@@ -17,8 +17,8 @@ rule for every smooth function instead of one approximation each (the probit app
 off in places).  Its accuracy depends on the input's standard deviation ``s`` against the scale on which ``f``
 bends (measured against numerical integration, means over [-4, 4]): for tanh, mean and variance to 1e-6 at
 ``s = 1``, 4e-4 and 0.5% at ``s = 2``, 1.5e-2 and 6% at ``s = 4``; sigmoid and GELU are ten times closer; hardswish,
-whose kinks quadrature does not resolve, is 1-2% off at every ``s``.  Only the marginal is matched: the input is taken as
-Gaussian and the fresh noise independent of everything else.
+whose kinks quadrature does not resolve, is 1-2% off at every ``s``.  Only the marginal is matched: the input is
+taken as Gaussian and the fresh noise independent of everything else.
 
 Every rule here is ``def_deriv(op, f')``: the derivative in closed form, because autograd inside the graph cannot be
 exported.  Derivatives receive the input mean ``x``, the output mean ``y`` and the op's extra arguments, and scale

@@ -22,7 +22,7 @@ X = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
 def exported(tmp_path_factory):
     model = make_mlp([5, 16, 2], torch.nn.Tanh)
     cm = mp.compile(model, random_posterior(model, 1e-3, names={"2.weight", "2.bias"}), (torch.randn(3, 5),),
-                    likelihood="regression", sigma_noise=0.3)
+                    likelihood="regression", sigma_noise=0.3, covariance="diag")
     return cm.to_onnx(tmp_path_factory.mktemp("cli") / "reg.onnx")
 
 

@@ -20,7 +20,7 @@ def _expected_diag_last_layer(model: nn.Sequential, posterior: dict, x: torch.Te
 
 
 def test_mean_is_the_plain_forward_pass(mlp, inputs):
-    mean, var = mp.compile(mlp, random_posterior(mlp), (inputs,))(inputs)
+    mean, var = mp.compile(mlp, random_posterior(mlp), (inputs,), covariance="diag")(inputs)
     torch.testing.assert_close(mean, mlp(inputs), rtol=0, atol=0)
     assert (var > 0).all()
 
@@ -46,7 +46,7 @@ def test_flat_vector_skips_frozen_parameters(inputs):
 def test_last_layer_posterior_matches_closed_form_and_adds_no_upstream_work(inputs):
     model = make_mlp([6, 32, 32, 4])
     post = random_posterior(model, names={"4.weight", "4.bias"})
-    cm = mp.compile(model, post, (inputs,))
+    cm = mp.compile(model, post, (inputs,), covariance="diag")
     expected = _expected_diag_last_layer(model, post, inputs)
     torch.testing.assert_close(cm(inputs)[1].double(), expected, rtol=1e-5, atol=1e-9)
     products = [n for n in cm.graph.nodes if n.op == "call_function" and n.target in (
@@ -55,7 +55,7 @@ def test_last_layer_posterior_matches_closed_form_and_adds_no_upstream_work(inpu
 
 
 def test_zero_posterior_variance_gives_zero_variance(mlp, inputs):
-    cm = mp.compile(mlp, 0.0, (inputs,))
+    cm = mp.compile(mlp, 0.0, (inputs,), covariance="diag")
     mean, var = cm(inputs)
     torch.testing.assert_close(mean, mlp(inputs))
     assert torch.equal(var, torch.zeros_like(mean))
@@ -81,7 +81,7 @@ def test_tied_weights_are_one_random_parameter():
 
 
 def test_classification_head_is_probit(mlp, inputs):
-    cm = mp.compile(mlp, random_posterior(mlp, 1e-2), (inputs,), likelihood="classification")
+    cm = mp.compile(mlp, random_posterior(mlp, 1e-2), (inputs,), likelihood="classification", covariance="diag")
     mean, var = cm(inputs)
     expected = torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
     torch.testing.assert_close(cm.predict(inputs), expected)
@@ -115,8 +115,8 @@ def test_output_covariance_is_the_final_layer_covariance(inputs):
     """diag mode upstream; the last layer's output covariance M diag(v) M^T + diag(m^2 S^T + v S^T + s_b)."""
     model = make_mlp([6, 16, 5], nn.Tanh)
     post = random_posterior(model, 1e-2)
-    cm_diag = mp.compile(model, post, (inputs,))
-    cm_cov = mp.compile(model, post, (inputs,), output_covariance=True)
+    cm_diag = mp.compile(model, post, (inputs,), covariance="diag")
+    cm_cov = mp.compile(model, post, (inputs,), output_covariance=True, covariance="diag")
     _, cov = cm_cov(inputs)
     assert cov.shape == (5, 5, 5)
     torch.testing.assert_close(torch.diagonal(cov, dim1=-2, dim2=-1), cm_diag(inputs)[1])
@@ -155,7 +155,7 @@ def test_compiled_model_is_a_snapshot(mlp, inputs):
 
 
 def test_batch_one_example_still_gives_dynamic_batch(mlp):
-    cm = mp.compile(mlp, 1e-3, (torch.randn(1, 6),))
+    cm = mp.compile(mlp, 1e-3, (torch.randn(1, 6),), covariance="diag")
     x = torch.randn(9, 6)
     mean, var = cm(x)
     assert mean.shape == var.shape == (9, 4)
@@ -194,7 +194,7 @@ def test_non_persistent_buffers_and_extra_outputs():
 
     model = Scaled()
     x = torch.randn(4, 3)
-    mean, var = mp.compile(model, {"fc.bias": torch.full((2,), 0.1)}, (x,))(x)
+    mean, var = mp.compile(model, {"fc.bias": torch.full((2,), 0.1)}, (x,), covariance="diag")(x)
     torch.testing.assert_close(mean, model(x)[0])
     torch.testing.assert_close(var, torch.full((4, 2), 0.4))
 

@@ -32,7 +32,8 @@ THRESHOLDS = {
 def fp32(tmp_path_factory):
     """A 16-64-64-5 ReLU classifier, every weight random."""
     model = make_mlp([16, 64, 64, 5])
-    cm = mp.compile(model, random_posterior(model, 1e-3), (torch.randn(4, 16),), likelihood="classification")
+    cm = mp.compile(model, random_posterior(model, 1e-3), (torch.randn(4, 16),), likelihood="classification",
+                    covariance="diag")
     return cm.to_onnx(tmp_path_factory.mktemp("convert") / "fp32.onnx")
 
 
@@ -67,7 +68,8 @@ def test_fp16_keeps_tiny_variances(tmp_path):
     """Weight variances of 1e-10 give output variances around 1e-9, below float16's smallest normal number:
     they must come through at float32 accuracy."""
     model = make_mlp([16, 32, 5], torch.nn.Tanh)
-    cm = mp.compile(model, random_posterior(model, 1e-10), (torch.randn(4, 16),), likelihood="classification")
+    cm = mp.compile(model, random_posterior(model, 1e-10), (torch.randn(4, 16),), likelihood="classification",
+                    covariance="diag")
     fp32 = cm.to_onnx(tmp_path / "tiny.onnx")
     ref = run_plain(fp32)
     assert ref["variance"].max() < 1e-8

@@ -51,7 +51,7 @@ def test_suq_differs_from_glm_by_the_second_order_terms():
     model = make_mlp([5, 12, 10, 3], nn.Tanh, seed=7)
     la = fitted(model, subset_of_weights="all", hessian_structure="diag", prior_precision=1.0)
     glm = mp.compile(model, la, (X_TEST,), covariance="full", predictive="glm")(X_TEST)[1]
-    suq = mp.compile(model, la, (X_TEST,), covariance="full")(X_TEST)[1]
+    suq = mp.compile(model, la, (X_TEST,), covariance="full", predictive="suq")(X_TEST)[1]
     diag = lambda c: torch.diagonal(c, dim1=-2, dim2=-1)  # noqa: E731
     assert (diag(suq) > diag(glm)).all()
 
@@ -60,7 +60,7 @@ def test_glm_diag_is_the_diagonal_recursion_of_first_order_terms():
     """diag mode: each layer keeps only variances; first order drops v_a * S.  Written out for one hidden layer."""
     model = make_mlp([5, 12, 3], nn.Tanh, seed=8)
     post = {n: torch.full_like(p, 1e-2) for n, p in model.named_parameters()}
-    var = mp.compile(model, post, (X_TEST,), predictive="glm")(X_TEST)[1]
+    var = mp.compile(model, post, (X_TEST,), predictive="glm", covariance="diag")(X_TEST)[1]
     h = model[0](X_TEST).detach()
     v_h = (X_TEST**2) @ post["0.weight"].T + post["0.bias"]
     a, v_a = torch.tanh(h), (1 - torch.tanh(h) ** 2) ** 2 * v_h
@@ -146,3 +146,46 @@ def test_glm_full_on_residual_blocks_equals_the_jacobian_predictive():
         torch.einsum("bip,p,bjp->bij", jac[n].flatten(2), post[n].flatten(), jac[n].flatten(2)) for n in params
     )
     torch.testing.assert_close(cov, expected, rtol=1e-4, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# defaults that follow the posterior
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_a_laplace_posterior_gets_laplace_torchs_own_predictive_by_default(structure):
+    """No options: laplace-torch's default predictive (GLM, probit), equal to its own ``la(x)``; full covariance,
+    as the network is small; both named as chosen by default."""
+    model = make_mlp([5, 16, 3], nn.Tanh, seed=4)
+    la = fitted(model, subset_of_weights="all", hessian_structure=structure)
+    cm = mp.compile(model, la, (X_TEST,))
+    options = cm.info.options
+    assert (options.predictive, options.covariance, options.link) == ("glm", "full", "probit")
+    assert set(options.automatic) == {"predictive", "covariance"}
+    assert "(default for this posterior and graph)" in repr(cm)
+    assert cm.model_card()["chosen_by_default"] == ["covariance", "predictive"]
+    torch.testing.assert_close(cm.predict(X_TEST), la(X_TEST).float(), rtol=1e-4, atol=1e-6)
+
+
+def test_other_posteriors_get_the_papers_predictive_and_explicit_options_win():
+    model = make_mlp([5, 16, 3], nn.Tanh, seed=4)
+    cm = mp.compile(model, 1e-3, (X_TEST,))
+    assert (cm.info.options.predictive, cm.info.options.covariance) == ("suq", "full")
+    la = fitted(model, subset_of_weights="all", hessian_structure="kron")
+    cm = mp.compile(model, la, (X_TEST,), predictive="suq", covariance="diag")
+    assert (cm.info.options.predictive, cm.info.options.covariance, cm.info.options.automatic) == ("suq", "diag", ())
+    assert "default" not in repr(cm)
+
+
+@pytest.mark.parametrize("sizes", [[5, 600, 3], [5, 16, 200]], ids=["wide layer", "wide output"])
+def test_full_covariance_is_the_default_only_where_it_is_cheap(sizes):
+    model = make_mlp(sizes, nn.Tanh, seed=4)
+    assert mp.compile(model, 1e-3, (X_TEST,)).info.options.covariance == "diag"
+
+
+def test_a_full_posterior_over_several_layers_defaults_to_the_papers_predictive():
+    """The GLM is refused across coupled layers; the default then is the paper's rule, not an error."""
+    model = make_mlp([5, 8, 3], nn.Tanh, seed=4)
+    la = fitted(model, subset_of_weights="all", hessian_structure="full")
+    assert mp.compile(model, la, (X_TEST,)).info.options.predictive == "suq"

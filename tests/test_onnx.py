@@ -66,7 +66,7 @@ def test_moment_matched_activations_export(tmp_path, covariance):
 
 def test_regression_file_carries_the_noise(tmp_path):
     model = make_mlp([4, 16, 2])
-    cm = mp.compile(model, 1e-3, (torch.randn(3, 4),), likelihood="regression", sigma_noise=0.5)
+    cm = mp.compile(model, 1e-3, (torch.randn(3, 4),), likelihood="regression", sigma_noise=0.5, covariance="diag")
     out = mp.OnnxRunner(cm.to_onnx(tmp_path / "r.onnx"))(torch.randn(6, 4))
     np.testing.assert_allclose(out["predictive_variance"], out["variance"] + 0.25, rtol=1e-6)
 
@@ -74,7 +74,8 @@ def test_regression_file_carries_the_noise(tmp_path):
 def test_model_card_and_full_check(tmp_path):
     model = make_mlp([4, 8, 3])
     post = random_posterior(model, names={"2.weight", "2.bias"})
-    cm = mp.compile(model, post, (torch.randn(2, 4),), likelihood="classification", variance_scale=1.7)
+    cm = mp.compile(model, post, (torch.randn(2, 4),), likelihood="classification", variance_scale=1.7,
+                    covariance="diag")
     path = cm.to_onnx(tmp_path / "sub" / "card.onnx")
     assert path.exists()
     proto = onnx.load(str(path))

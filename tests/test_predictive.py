@@ -112,7 +112,7 @@ def test_calibration_never_worse_on_its_own_data():
 
 def test_calibration_with_nan_labels_is_a_clear_error():
     model = make_mlp([6, 8, 1], seed=9)
-    cm = mp.compile(model, 1e-3, (torch.randn(4, 6),), likelihood="regression", sigma_noise=0.1)
+    cm = mp.compile(model, 1e-3, (torch.randn(4, 6),), likelihood="regression", sigma_noise=0.1, covariance="diag")
     with pytest.raises(mp.CalibrationError, match="not finite"):
         cm.calibrate((torch.randn(20, 6), torch.full((20,), math.nan)))
 

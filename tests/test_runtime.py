@@ -21,7 +21,8 @@ X = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model = make_mlp([8, 32, 32, 3], torch.nn.Tanh)
-    cm = mp.compile(model, random_posterior(model, 1e-3), (torch.randn(4, 8),), likelihood="classification")
+    cm = mp.compile(model, random_posterior(model, 1e-3), (torch.randn(4, 8),), likelihood="classification",
+                    covariance="diag")
     return cm, cm.to_onnx(tmp_path_factory.mktemp("runtime") / "mlp.onnx")
 
 
