@@ -106,7 +106,9 @@ def compile(
     if interpreter.config.input_variance:
         names += ["input_variance"] if len(names) == 1 else [f"{name}_variance" for name in names]
     info = CompiledInfo(interpreter.config, random_parameters=interpreter.random_parameters, input_names=names)
-    return CompiledModel(moment_program, info, inputs)
+    compiled = CompiledModel(moment_program, info, inputs)
+    compiled._recompile = lambda **changes: compile(model, posterior, example_inputs, **{**keywords, **changes})
+    return compiled
 
 
 def eager(
@@ -140,6 +142,9 @@ def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: 
     provisional = {"covariance": keywords.get("covariance") or "diag"}  # chosen from the graph after capture
     options = Options(**{**keywords, **provisional, "likelihood": likelihood, "sigma_noise": sigma_noise,
                          "automatic": automatic})
+    if options.variance_scale == 0:
+        raise InputError("variance_scale must be a positive finite number, got 0 (that is the plain model's MAP "
+                         "prediction; cm.calibrate chooses 0 itself where the data says so)")
     if options.predictive == "glm":
         if couples_layers(model, posterior):
             raise PosteriorError(

@@ -4,6 +4,7 @@ grid and refined by golden section."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -33,9 +34,23 @@ def predictive_nlpd(mean: torch.Tensor, var: torch.Tensor, labels: torch.Tensor,
     return float(-log_density.sum(-1).mean())
 
 
-def fit_scale(nlpd: Callable[[float], float], current: float, bounds: tuple[float, float]) -> float:
-    """The scale in ``bounds`` with the lowest ``nlpd(scale)`` (81-point log grid, then golden section around the
-    best point), or ``current`` where that is no better."""
+@dataclass(frozen=True)
+class Calibration:
+    """What ``calibrate`` found: the scale, its validation NLPD, the bound it stopped at (``"lower"``: the MAP,
+    scale 0, was best; ``"upper"``: the largest scale tried), and the options it chose among (``choose=True``)."""
+
+    scale: float
+    nlpd: float
+    at_bound: str | None = None
+    chosen: dict | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"scale": self.scale, "nlpd": self.nlpd, "at_bound": self.at_bound, "chosen": self.chosen}
+
+
+def fit_scale(nlpd: Callable[[float], float], current: float, bounds: tuple[float, float]) -> Calibration:
+    """The scale with the lowest ``nlpd(scale)``: 0 (the MAP) or a scale in ``bounds`` (81-point log grid, then
+    golden section around the best point), or ``current`` where that is no better."""
 
     def at(log_scale: float) -> float:
         return nlpd(math.exp(log_scale))
@@ -49,11 +64,26 @@ def fit_scale(nlpd: Callable[[float], float], current: float, bounds: tuple[floa
         a, b = high - golden * (high - low), low + golden * (high - low)
         low, high = (low, b) if at(a) < at(b) else (a, high)
     fitted = (low + high) / 2
-    candidates = [(at(fitted), fitted), (at(math.log(current)), math.log(current))]
-    value, log_scale = min(candidates, key=lambda c: c[0] if math.isfinite(c[0]) else math.inf)
-    if not (math.isfinite(value) and math.isfinite(log_scale)):
+    candidates = [(at(fitted), math.exp(fitted)), (nlpd(current), current), (nlpd(0.0), 0.0)]
+    value, scale = min(candidates, key=lambda c: c[0] if math.isfinite(c[0]) else math.inf)
+    if not (math.isfinite(value) and math.isfinite(scale)):
         raise CalibrationError(
             "the fitted variance scale is not finite (the NLPD is NaN or infinite for every scale tried); check "
             "that the labels match the model's outputs and that the data holds no NaN"
         )
-    return math.exp(log_scale)
+    at_bound = "lower" if scale == 0.0 or scale <= bounds[0] * 1.0001 else (
+        "upper" if scale >= bounds[1] / 1.0001 else None)
+    return Calibration(scale, value, at_bound)
+
+
+def bound_warning(result: Calibration, bounds: tuple[float, float]) -> str | None:
+    """What to tell the user when the fit stopped at a bound, else None."""
+    if result.at_bound == "lower":
+        return (f"calibrate: the best variance scale is {result.scale:.3g}, at the lower bound (0 is the MAP): on "
+                f"this data the predictive's uncertainty does not help (validation NLPD {result.nlpd:.4g}); the "
+                "posterior may be too wide (a marglik-tuned Laplace posterior with the paper's predictive often is): "
+                "try predictive='glm', activations='moment_matched', or calibrate(data, choose=True)")
+    if result.at_bound == "upper":
+        return (f"calibrate: the best variance scale is at the upper bound {bounds[1]:.3g}; the posterior is much "
+                "too narrow for this data, or the labels do not match the outputs; pass wider bounds to search on")
+    return None

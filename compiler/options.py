@@ -93,7 +93,7 @@ class Options:
         if sigma_noise is not None and (self.likelihood != "regression" or not sigma_noise >= 0):
             raise InputError("sigma_noise must be a non-negative number and needs likelihood='regression'")
         variance_scale = number("variance_scale", self.variance_scale)
-        if not (variance_scale > 0 and variance_scale != float("inf")):
+        if not (variance_scale >= 0 and variance_scale != float("inf")):  # 0: the MAP (calibrate may choose it)
             raise InputError(f"variance_scale must be a positive finite number, got {self.variance_scale!r}")
         if self.link not in LINKS or (self.link != "probit" and self.likelihood != "classification"):
             raise InputError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -12,10 +13,10 @@ import torch
 from torch.export import ExportedProgram
 
 from ._version import __version__
-from .calibration import fit_scale, predictive_nlpd
+from .calibration import Calibration, bound_warning, fit_scale, predictive_nlpd
 from .capture import is_sequence
 from .emit import emit_onnx
-from .errors import InputError
+from .errors import InputError, MomentpropError
 from .inputs import check_input_dtype, dtype_kind
 from .options import CompiledInfo
 from .persist import load_compiled, save_compiled
@@ -38,6 +39,8 @@ class CompiledModel:
         self.info = info
         self.example_inputs = tuple(example_inputs)
         self._module = program.module()
+        self.calibration: Calibration | None = None  # what calibrate found
+        self._recompile = None  # set by mp.compile: the same model and posterior with other options
 
     covariance = property(lambda self: self.info.covariance)
     likelihood = property(lambda self: self.info.likelihood)
@@ -104,25 +107,67 @@ class CompiledModel:
             return outputs[2]
         return outputs[0], outputs[2]
 
-    def calibrate(self, data, *, bounds: tuple[float, float] = (1e-4, 1e4)) -> float:
+    def calibrate(self, data, *, bounds: tuple[float, float] = (1e-4, 1e4), choose: bool = False) -> float:
         """Fit ``variance_scale`` by minimising the NLPD of this model's own predictive on held-out ``data``.
 
         ``data``: a DataLoader (or any iterable) of ``(*inputs, labels)`` batches, or one ``(X, y)`` pair.
-        Latent moments are computed once; the scale is then searched on a log grid over ``bounds`` and refined
-        by golden section.  The current scale is kept unless another one has a lower NLPD on ``data``.
+        Latent moments are computed once; the scale is then searched from 0 (the MAP: the uncertainty does not
+        help on this data) and on a log grid over ``bounds``, refined by golden section.  The current scale is kept
+        unless another one has a lower NLPD on ``data``.  Where the best scale is at a bound, a warning says so
+        and what to try; ``cm.calibration`` records the result (also in the model card).
+
+        ``choose=True`` also picks, by the same validation NLPD, among the predictives and activation rules
+        available for the posterior (``"glm"``; ``"suq"`` linearised; ``"suq"`` moment-matched), each with its
+        own fitted scale, and makes this model the winner (``cm.calibration.chosen`` says which, with each
+        option's NLPD).  It recompiles the model, so it needs the object ``mp.compile`` returned, not a loaded one.
         Returns the fitted scale, which also goes into the ONNX file.
         """
         if self.likelihood is None:
             raise InputError("calibrate needs a likelihood: compile with likelihood='classification' or 'regression'")
+        if not choose:
+            result = self._fitted(data, bounds)
+        else:
+            if self._recompile is None:
+                raise InputError("calibrate(choose=True) recompiles the model: call it on the model that "
+                                 "mp.compile returned (a loaded model has no PyTorch model to recompile)")
+            fits = [(variant._fitted(data, bounds), variant) for variant in self._variants()]
+            result, best = min(fits, key=lambda fit: fit[0].nlpd)
+            if best is not self:
+                self.program, self.info, self._module = best.program, best.info, best._module
+            scores = {f"{v.info.options.predictive}/{v.info.options.activations}": round(r.nlpd, 6) for r, v in fits}
+            result = dataclasses.replace(result, chosen={
+                "predictive": self.info.options.predictive, "activations": self.info.options.activations,
+                "nlpd": scores})
+        self.program.state_dict["variance_scale"].fill_(result.scale)
+        self.info = dataclasses.replace(self.info, options=dataclasses.replace(self.info.options,
+                                                                               variance_scale=result.scale))
+        self.calibration = result
+        message = bound_warning(result, bounds)
+        if message:
+            warnings.warn(message, UserWarning, stacklevel=2)
+        return self.variance_scale
+
+    def _fitted(self, data, bounds: tuple[float, float]) -> Calibration:
         means, variances, labels = self._latent_moments(data)
 
         def nlpd(scale: float) -> float:
             return predictive_nlpd(means, variances * scale, labels, self.info.options)
 
-        scale = fit_scale(nlpd, self.variance_scale, bounds)
-        self.program.state_dict["variance_scale"].fill_(scale)
-        self.info = dataclasses.replace(self.info, options=dataclasses.replace(self.info.options, variance_scale=scale))
-        return self.variance_scale
+        return fit_scale(nlpd, self.variance_scale, bounds)
+
+    def _variants(self) -> list["CompiledModel"]:
+        """This model and its recompilations with the other predictives and activation rules the posterior
+        allows (a predictive it refuses, the GLM across coupled layers, is skipped)."""
+        options = self.info.options
+        variants = [self]
+        for predictive, activations in (("glm", "linearised"), ("suq", "linearised"), ("suq", "moment_matched")):
+            if (predictive, activations) == (options.predictive, options.activations):
+                continue
+            try:
+                variants.append(self._recompile(predictive=predictive, activations=activations))
+            except MomentpropError:
+                continue
+        return variants
 
     def _latent_moments(self, data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, (co)variance at variance_scale 1, and labels over all of ``data``."""
@@ -145,6 +190,7 @@ class CompiledModel:
             "version": __version__,
             **self.info.options.card(),
             "variance_scale": self.variance_scale,  # the graph's own scale: cm.calibrate may have changed it
+            **({"calibration": self.calibration.to_json()} if self.calibration is not None else {}),
             "random_parameters": self.random_parameters,
             "outputs": self.info.options.output_names(),
         }

@@ -4,6 +4,7 @@ input uncertainty."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -195,3 +196,53 @@ def test_input_variance_needs_floating_inputs():
 def test_link_needs_classification():
     with pytest.raises(mp.InputError, match="link"):
         mp.compile(make_mlp([6, 4]), 1e-3, (torch.randn(2, 6),), likelihood="regression", link="bridge")
+
+
+def test_calibration_can_choose_the_map_and_says_it_stopped_at_the_bound():
+    """Labels drawn from the MAP's own softmax and a posterior far too wide: the best scale is 0 (the MAP), a
+    warning says so, and the predictive then is the MAP's probit probabilities at zero variance."""
+    model = make_mlp([6, 16, 3], nn.Tanh, seed=5)
+    x, y = _classification_data(model, 300, seed=6, temperature=0.3)
+    cm = mp.compile(model, random_posterior(model, 5.0), (x[:4],), likelihood="classification")
+    with pytest.warns(UserWarning, match="lower bound"):
+        scale = cm.calibrate((x, y))
+    assert scale == 0.0 and cm.calibration.at_bound == "lower"
+    assert cm.model_card()["calibration"]["at_bound"] == "lower"
+    map_nlpd = float(nn.functional.cross_entropy(model(x), y))
+    # probit at zero variance is the softmax of the mean
+    assert _heldout_nlpd(cm, x, y) == pytest.approx(map_nlpd, rel=1e-5)
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]  # labels unrelated to x
+    narrow = mp.compile(model, random_posterior(model, 1e-3), (x[:4],), likelihood="classification")
+    with pytest.warns(UserWarning, match="upper bound"):
+        narrow.calibrate((x, shuffled), bounds=(1e-4, 1.0))
+    assert narrow.calibration.at_bound == "upper"
+
+
+def test_calibration_chooses_among_the_predictives_by_validation_nlpd(tmp_path):
+    """Each option compiled and calibrated on its own: ``choose=True`` makes the model the one with the lowest
+    validation NLPD, and records every option's."""
+    model = make_mlp([6, 32, 3], nn.Tanh, seed=9)
+    with torch.no_grad():
+        model[-1].weight.mul_(3.0)
+    x, y = _classification_data(model, 300, seed=8, temperature=2.0)  # noisier labels: some variance helps
+    post = random_posterior(model, 0.3)
+    own = {}
+    for predictive, activations in (("glm", "linearised"), ("suq", "linearised"), ("suq", "moment_matched")):
+        single = mp.compile(model, post, (x[:4],), likelihood="classification", predictive=predictive,
+                            activations=activations)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            single.calibrate((x, y))
+        own[(predictive, activations)] = _heldout_nlpd(single, x, y)
+    cm = mp.compile(model, post, (x[:4],), likelihood="classification")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm.calibrate((x, y), choose=True)
+    best = min(own, key=own.get)
+    assert (cm.info.options.predictive, cm.info.options.activations) == best
+    assert cm.calibration.chosen["predictive"] == best[0]
+    assert _heldout_nlpd(cm, x, y) == pytest.approx(own[best], rel=1e-4)
+    assert min(cm.calibration.chosen["nlpd"].values()) == pytest.approx(own[best], rel=1e-4)
+    cm.save(tmp_path / "m.mp")
+    with pytest.raises(mp.InputError, match="recompiles"):
+        mp.load(tmp_path / "m.mp").calibrate((x, y), choose=True)
