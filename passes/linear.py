@@ -161,7 +161,12 @@ def _collapsed_product(ctx: RuleContext, mean: Tensor, a, w, bias, alpha: float,
 
 def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: Moment, bias) -> Moment:
     """``x W^T + b`` for a weight with correlated entries (Kronecker factors or a dense block): the weight noise
-    ``E_x[Cov(W x | x)]`` from its structure, plus the input noise and the bias as for any weight."""
+    ``E_x[Cov(W x | x)]`` from its structure, plus the input noise and the bias as for any weight.
+
+    For ``dW = Q_out Z Q_in^T`` (Kronecker): ``E[Cov(dW x)] = Q_out diag(D E[(Q_in^T x)^2]) Q_out^T`` with
+    ``E[(Q_in^T x)^2] = (Q_in^T m)^2 + diag(Q_in^T Sigma_x Q_in)``, exact for the input covariance ``Sigma_x``
+    that full mode forms (only that diagonal enters, as the entries of ``Z`` are independent).  Diag mode has only
+    the input variances and uses ``diag(Sigma_x)`` there, dropping the input's correlations (the paper's rule)."""
     noise = weight.terms[0].noise
     x_mean = mean_of(x)
     random_x = is_random(x)

@@ -253,3 +253,30 @@ def test_attention_values(random_weights, covariance):
     ref = Gaussian(p.mean @ v.mean, cov, full)
     assert_moments_close(mean, var, ref)
     torch.testing.assert_close(mean, model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("covariance", MODES)
+def test_kronecker_weight_on_a_correlated_input_uses_the_input_covariance(covariance):
+    """``E_a[Cov(W a | a)] = sum_ij C[k, i, l, j] (m_i m_j + Sigma_ij)`` with ``C`` the dense Kronecker covariance
+    written out: exact in full mode (the input covariance formed there enters through ``diag(Q_in^T Sigma Q_in)``);
+    diag mode has only the input variances and drops the off-diagonal ``Sigma_ij`` (the paper's diagonal rule)."""
+    import momentprop as mp
+
+    model = nn.Sequential(Source(4, 6, gain=2.0, seed=3), nn.Linear(6, 5)).eval()
+    post = source_posterior(model, scale=1e-1)
+    g = torch.Generator().manual_seed(1)
+    q_out = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]
+    q_in = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]
+    d = torch.rand(5, 6, generator=g, dtype=torch.float64) * 1e-2
+    post["1.weight"] = mp.Kron(q_out.float(), q_in.float(), d.float())
+    x = _x(3, 4)
+    mean, var = compiled_moments(model, post, x, covariance, predictive="suq")
+    a = model[0].reference(x, post, "0.", True)  # exactly Gaussian: a linear map of a random layer's output
+    dense = (torch.kron(q_out, q_in) @ torch.diag(d.reshape(-1)) @ torch.kron(q_out, q_in).T).reshape(5, 6, 5, 6)
+    weight = model[1].weight.detach().double()
+    sigma = a.var if covariance == "full" else torch.diag_embed(torch.diagonal(a.var, dim1=-2, dim2=-1))
+    second = a.mean.unsqueeze(-1) * a.mean.unsqueeze(-2) + sigma
+    expected = weight @ sigma @ weight.T + torch.einsum("kilj,bij->bkl", dense, second)
+    if covariance == "diag":
+        expected = torch.diagonal(expected, dim1=-2, dim2=-1)
+    torch.testing.assert_close(var.double(), expected, rtol=1e-4, atol=1e-7)
