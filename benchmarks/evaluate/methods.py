@@ -223,14 +223,14 @@ def glm_latent_variance(post: Posterior, x: torch.Tensor, chunk: int) -> np.ndar
     return torch.cat(parts).numpy()
 
 
-def compile_posterior(post: Posterior, x_example: torch.Tensor, covariance: str):
+def compile_posterior(post: Posterior, x_example: torch.Tensor, **options):
+    """``mp.compile`` of the posterior with ``options`` (none: the defaults for the posterior)."""
     import momentprop as mp
 
-    kwargs = {}
     if post.likelihood == "regression":
-        kwargs["sigma_noise"] = post.sigma_noise
-    return mp.compile(post.model, post.compile_source, example_inputs=(x_example,), covariance=covariance,
-                      likelihood=post.likelihood, **kwargs)
+        options["sigma_noise"] = post.sigma_noise
+    return mp.compile(post.model, post.compile_source, example_inputs=(x_example,), likelihood=post.likelihood,
+                      **options)
 
 
 def compiled_predictor(cm, likelihood: str, chunk: int | None = None) -> Callable[[torch.Tensor], Prediction]:

@@ -192,11 +192,14 @@ def tune_prior_precision(post: Posterior, x: torch.Tensor, y: torch.Tensor, grid
 
 def fit_laplace(model: nn.Module, split: Split, likelihood: str, structure: str, sigma: float | None = None,
                 tune_points: int = 1000, tune_samples: int = 100, grid: tuple[float, ...] = PRIOR_GRID,
-                seed: int = 0) -> Posterior:
-    """laplace-torch, all weights, GGN (BackPack), ``hessian_structure`` diag or kron, fitted on the training set;
-    the scalar prior precision is the grid value with the lowest validation NLPD (up to ``tune_points`` validation
-    points) of the sampling predictive with ``tune_samples`` draws from laplace-torch's ``la.sample``.  (Tuning with
-    laplace-torch's GLM predictive instead was too slow for kron on Fashion-MNIST: minutes per grid value.)"""
+                seed: int = 0, tuning: str = "validation") -> Posterior:
+    """laplace-torch, all weights, GGN (BackPack), ``hessian_structure`` diag or kron, fitted on the training set.
+    ``tuning="validation"``: the scalar prior precision is the grid value with the lowest validation NLPD (up to
+    ``tune_points`` validation points) of the sampling predictive with ``tune_samples`` draws from laplace-torch's
+    ``la.sample``.  (Tuning with laplace-torch's GLM predictive instead was too slow for kron on Fashion-MNIST:
+    minutes per grid value.)  ``tuning="marglik"``: laplace-torch's standard,
+    ``la.optimize_prior_precision(method="marglik")`` (a scalar prior precision maximising the marginal
+    likelihood); the posterior is then named ``laplace-<structure>-marglik``."""
     import laplace
     from laplace.curvature import BackPackGGN
     from torch.utils.data import DataLoader, TensorDataset
@@ -207,8 +210,12 @@ def fit_laplace(model: nn.Module, split: Split, likelihood: str, structure: str,
                          backend=BackPackGGN, **kwargs)
     la.fit(DataLoader(TensorDataset(split.x_train, split.y_train), batch_size=256))
     use_plain_jacobians(la, plain)
-    post = Posterior(f"laplace-{structure}", model, likelihood, la, la, sigma_noise=sigma, plain_model=plain)
-    if grid:
+    name = f"laplace-{structure}" + ("-marglik" if tuning == "marglik" else "")
+    post = Posterior(name, model, likelihood, la, la, sigma_noise=sigma, plain_model=plain)
+    if tuning == "marglik":
+        la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar")
+        post.prior_precision = float(la.prior_precision.reshape(-1)[0])
+    elif grid:
         tune_prior_precision(post, split.x_val[:tune_points], split.y_val[:tune_points], grid, tune_samples, seed)
     return post
 

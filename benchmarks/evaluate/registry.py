@@ -28,7 +28,9 @@ from .data import Split
 from .methods import MC_SAMPLES, REFERENCE_SAMPLES
 from .posteriors import TrainConfig
 
-POSTERIORS = ("laplace-diag", "laplace-kron", "ivon")
+# every Laplace posterior twice: prior precision tuned on validation data, and by marginal likelihood ("-marglik",
+# laplace-torch's standard); tasks with their own Laplace fit (the transformers) list their own
+POSTERIORS = ("laplace-diag", "laplace-kron", "laplace-diag-marglik", "laplace-kron-marglik", "ivon")
 
 
 @dataclass
