@@ -31,10 +31,12 @@ from .errors import (
 )
 from .meanfield import deterministic_meanfield
 from .onnx_runner import OnnxRunner, predict_onnx
-from .options import AUTOMATIC, CompiledInfo, Options, default_covariance, default_predictive
+from .options import (
+    AUTOMATIC, CompiledInfo, Options, default_activations, default_covariance, default_predictive,
+)
 from .persist import load_posterior, save_posterior
 from .laplace import is_laplace
-from .posterior import couples_layers, likelihood_of, read_posterior
+from .posterior import couples_layers, is_ivon, likelihood_of, read_posterior
 from .prepass import has_attention, output_shape
 from .rewrite import MomentInterpreter, rewrite
 from .runtime import CompiledModel, load
@@ -62,7 +64,7 @@ def compile(
     input_variance: bool = False,
     attention: str = "paper",
     predictive: str | None = None,
-    activations: str = "linearised",
+    activations: str | None = None,
 ) -> CompiledModel:
     """Compile ``model`` with a Gaussian weight ``posterior`` into a moment graph for the moments of the
     model's first output tensor.
@@ -92,7 +94,8 @@ def compile(
         activations: ``"linearised"`` (the paper: each activation linearised at its input mean, so the mean is the
             plain forward pass) or ``"moment_matched"`` (each activation's Gaussian moments, with its expected
             slope carrying the correlations: bounded variances for saturating activations, a corrected mean; with
-            ``predictive="suq"`` only).
+            ``predictive="suq"`` only).  Default: "moment_matched" for IVON and mean-field layers (the best measured
+            choice there), "linearised" otherwise.
     """
     keywords = dict(
         covariance=covariance, likelihood=likelihood, sigma_noise=sigma_noise, output_covariance=output_covariance,
@@ -136,9 +139,13 @@ def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: 
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     automatic = tuple(name for name in AUTOMATIC if keywords.get(name) is None)
+    source = "laplace" if is_laplace(posterior) else "variational" if posterior is None or is_ivon(posterior) else (
+        "variances")
     if "predictive" in automatic:
-        keywords["predictive"] = default_predictive(
-            is_laplace(posterior), couples_layers(model, posterior), keywords.get("activations") or "linearised")
+        keywords["predictive"] = default_predictive(source, couples_layers(model, posterior),
+                                                    keywords.get("activations"))
+    if "activations" in automatic:
+        keywords["activations"] = default_activations(source, keywords["predictive"])
     provisional = {"covariance": keywords.get("covariance") or "diag"}  # chosen from the graph after capture
     options = Options(**{**keywords, **provisional, "likelihood": likelihood, "sigma_noise": sigma_noise,
                          "automatic": automatic})

@@ -23,7 +23,8 @@ LIKELIHOODS = (None, "classification", "regression")
 ATTENTION = ("paper", "linearised")
 PREDICTIVES = ("suq", "glm")
 ACTIVATIONS = ("linearised", "moment_matched")
-AUTOMATIC = ("covariance", "predictive")  # the options chosen from the posterior and the graph when not given
+# the options chosen from the posterior and the graph when not given
+AUTOMATIC = ("covariance", "predictive", "activations")
 
 # full covariance by default only where it is cheap: a vector output of at most this many features, no layer wider
 # than this (a parameter's first dim: a layer's outputs, a vocabulary), and no attention (a per-token covariance
@@ -33,10 +34,19 @@ FULL_OUTPUT_LIMIT = 128
 FULL_WIDTH_LIMIT = 512
 
 
-def default_predictive(laplace_posterior: bool, couples_layers: bool, activations: str) -> str:
-    """laplace-torch's own default predictive (the GLM) for its posteriors, where it applies (not across coupled
-    layers, not with moment-matched activations); the paper's ("suq") for IVON, mean-field layers and variances."""
-    return "glm" if laplace_posterior and not couples_layers and activations != "moment_matched" else "suq"
+def default_predictive(source: str, couples_layers: bool, activations: str | None) -> str:
+    """laplace-torch's own default predictive (the GLM) for its posteriors (``source="laplace"``), where it applies
+    (not across coupled layers, not with moment-matched activations); the paper's ("suq") for the others."""
+    glm = source == "laplace" and not couples_layers and activations != "moment_matched"
+    return "glm" if glm else "suq"
+
+
+def default_activations(source: str, predictive: str) -> str:
+    """Moment-matched activations for a variational posterior as trained (``source="variational"``: IVON,
+    mean-field layers), where they were the best compiled predictive on every tabular set of the evaluation suite;
+    the paper's linearisation otherwise (the GLM linearises by definition; plain variances keep the paper's rule,
+    whose mean is the plain forward pass)."""
+    return "moment_matched" if source == "variational" and predictive == "suq" else "linearised"
 
 
 def default_covariance(output_shape, widest_layer: int, attention: bool) -> str:

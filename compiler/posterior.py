@@ -143,7 +143,7 @@ def _from_ivon(model: nn.Module, optimizer) -> Posterior:
     return result
 
 
-def _is_ivon(posterior: object) -> bool:
+def is_ivon(posterior: object) -> bool:
     return type(posterior).__name__ == "IVON" and hasattr(posterior, "param_groups")
 
 
@@ -165,7 +165,7 @@ def read_posterior(model: nn.Module, posterior: object) -> Posterior:
         result = _from_mapping(model, posterior)
     elif isinstance(posterior, torch.Tensor):
         result = _from_flat(model, posterior.detach())
-    elif _is_ivon(posterior):
+    elif is_ivon(posterior):
         result = _from_ivon(model, posterior)
     elif laplace.is_laplace(posterior):
         result = laplace.read_laplace(model, posterior)

@@ -162,20 +162,31 @@ def test_a_laplace_posterior_gets_laplace_torchs_own_predictive_by_default(struc
     cm = mp.compile(model, la, (X_TEST,))
     options = cm.info.options
     assert (options.predictive, options.covariance, options.link) == ("glm", "full", "probit")
-    assert set(options.automatic) == {"predictive", "covariance"}
+    assert set(options.automatic) == {"predictive", "covariance", "activations"}
+    assert options.activations == "linearised"
     assert "(default for this posterior and graph)" in repr(cm)
-    assert cm.model_card()["chosen_by_default"] == ["covariance", "predictive"]
+    assert cm.model_card()["chosen_by_default"] == ["covariance", "predictive", "activations"]
     torch.testing.assert_close(cm.predict(X_TEST), la(X_TEST).float(), rtol=1e-4, atol=1e-6)
 
 
 def test_other_posteriors_get_the_papers_predictive_and_explicit_options_win():
+    """Plain variances: the paper's rule; an IVON posterior: the paper's rule with moment-matched activations (the
+    best measured choice for it); explicit options always win."""
+    import ivon
+
     model = make_mlp([5, 16, 3], nn.Tanh, seed=4)
     cm = mp.compile(model, 1e-3, (X_TEST,))
-    assert (cm.info.options.predictive, cm.info.options.covariance) == ("suq", "full")
+    assert (cm.info.options.predictive, cm.info.options.covariance, cm.info.options.activations) == (
+        "suq", "full", "linearised")
+    optimizer = ivon.IVON(model.parameters(), lr=0.1, ess=100)
+    cm = mp.compile(model, optimizer, (X_TEST,))
+    assert (cm.info.options.predictive, cm.info.options.activations) == ("suq", "moment_matched")
+    assert mp.compile(model, optimizer, (X_TEST,), predictive="glm").info.options.activations == "linearised"
     la = fitted(model, subset_of_weights="all", hessian_structure="kron")
     cm = mp.compile(model, la, (X_TEST,), predictive="suq", covariance="diag")
-    assert (cm.info.options.predictive, cm.info.options.covariance, cm.info.options.automatic) == ("suq", "diag", ())
-    assert "default" not in repr(cm)
+    assert (cm.info.options.predictive, cm.info.options.covariance) == ("suq", "diag")
+    assert cm.info.options.automatic == ("activations",)
+    assert "covariance='diag' (default" not in repr(cm) and "predictive='suq' (default" not in repr(cm)
 
 
 @pytest.mark.parametrize("sizes", [[5, 600, 3], [5, 16, 200]], ids=["wide layer", "wide output"])

@@ -31,6 +31,7 @@ from .posteriors import TrainConfig
 # every Laplace posterior twice: prior precision tuned on validation data, and by marginal likelihood ("-marglik",
 # laplace-torch's standard); tasks with their own Laplace fit (the transformers) list their own
 POSTERIORS = ("laplace-diag", "laplace-kron", "laplace-diag-marglik", "laplace-kron-marglik", "ivon")
+SMOKE_POSTERIORS = ("laplace-diag", "laplace-kron", "ivon")  # --smoke: the marglik rows only in the tabular task
 
 
 @dataclass

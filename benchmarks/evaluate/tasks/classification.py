@@ -7,7 +7,7 @@ from functools import partial
 
 from ..data import FASHION_MNIST_APT, digits_split, fashion_mnist_available, fashion_mnist_split
 from ..posteriors import TrainConfig, build_mlp
-from ..registry import Problem, Task, register
+from ..registry import POSTERIORS, SMOKE_POSTERIORS, Problem, Task, register
 
 HIDDEN = (64, 32)
 FMNIST_TEST = 500  # seeded test subset (MC with 1,000 samples and the kron GLM on all 10,000 would not fit the budget)
@@ -59,6 +59,7 @@ class MLPClassification(Task):
             cfg = TrainConfig(epochs=15 if smoke else 60, batch_size=64)
             make = partial(build_mlp, 64, HIDDEN, 10)
             return Problem(self.name, dataset, seed, "classification", split, make, cfg,
+                           posteriors=SMOKE_POSTERIORS if smoke else POSTERIORS,
                            reference_points=50 if smoke else 360, reference_samples=2000 if smoke else 10_000,
                            glm_chunk=360)
         if dataset == "fashion-mnist":
@@ -70,6 +71,7 @@ class MLPClassification(Task):
                 cfg = TrainConfig(epochs=10, batch_size=128)
             make = partial(build_mlp, 784, HIDDEN, 10)
             return Problem(self.name, dataset, seed, "classification", split, make, cfg,
+                           posteriors=SMOKE_POSTERIORS if smoke else POSTERIORS,
                            reference_points=30 if smoke else 250, reference_samples=2000 if smoke else 10_000,
                            glm_chunk=100 if smoke else 250, tune_points=200 if smoke else 1000)
         raise ValueError(dataset)

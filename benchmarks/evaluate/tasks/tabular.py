@@ -39,6 +39,6 @@ class TabularClassification(Task):
         cfg = TrainConfig(epochs=30, batch_size=32, lr=1e-3, weight_decay=1e-4, min_steps=300 if smoke else 1500)
         return Problem(self.name, dataset, seed, "classification", split,
                        partial(build_mlp, split.x_train.shape[1], HIDDEN, classes), cfg,
-                       posteriors=POSTERIORS if not smoke else ("laplace-kron", "laplace-kron-marglik", "ivon"),
+                       posteriors=POSTERIORS if not smoke else ("laplace-diag", "laplace-kron-marglik", "ivon"),
                        reference_points=100 if smoke else 200, reference_samples=2000 if smoke else 10_000,
                        glm_chunk=200, tune_points=200)

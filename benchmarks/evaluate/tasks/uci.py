@@ -6,7 +6,7 @@ from functools import partial
 
 from ..data import UCI_LOADERS, uci_split
 from ..posteriors import TrainConfig, build_mlp
-from ..registry import Problem, Task, register
+from ..registry import POSTERIORS, SMOKE_POSTERIORS, Problem, Task, register
 
 HIDDEN = (50, 50)
 DATASETS = ("boston", "concrete", "power", "protein", "wine-red", "yacht")
@@ -58,4 +58,5 @@ class UCIRegression(Task):
             task=self.name, dataset=dataset, seed=seed, likelihood="regression", split=split,
             make_model=partial(build_mlp, split.x_train.shape[1], HIDDEN, 1), train=cfg,
             reference_points=64 if smoke else 500, reference_samples=10_000, glm_chunk=1000,
+            posteriors=SMOKE_POSTERIORS if smoke else POSTERIORS,
         )
