@@ -24,8 +24,8 @@ from .registry import Problem
 # the defaults after calibrate(choose=True), which picks among the predictives by validation NLPD
 COMPILED = (
     ("compiled-default", {}),
-    ("compiled-diag", {"covariance": "diag", "predictive": "suq"}),
-    ("compiled-full", {"covariance": "full", "predictive": "suq"}),
+    ("compiled-diag", {"covariance": "diag", "predictive": "suq", "activations": "linearised"}),
+    ("compiled-full", {"covariance": "full", "predictive": "suq", "activations": "linearised"}),
     ("compiled-mm", {"covariance": "full", "predictive": "suq", "activations": "moment_matched"}),
 )
 

@@ -28,7 +28,19 @@ class TabularClassification(Task):
         "precision tuned two ways: `-marglik` rows by `la.optimize_prior_precision(method='marglik')` "
         "(laplace-torch's standard), the others by sampled validation NLPD over a grid."
     )
-    findings = ""
+    findings = (
+        "With the prior precision tuned by marginal likelihood, laplace-torch's standard, the all-weights Laplace "
+        "posteriors are wide: sampling them (MC-1000, 0.53-1.08 NLPD) is far worse than the MAP (0.03-0.68), and "
+        "the paper's linearised rule in either mode (0.40-1.06) is too. The GLM predictive is the one that works "
+        "there, and it is the default for laplace-torch posteriors: the compiled default equals laplace-torch's GLM, "
+        "and after `calibrate` it is within 0.01 of the better of MAP and GLM on every (data set, posterior) pair. "
+        "Moment-matched activations track Monte Carlo over the same Gaussian closely (latent variance 0.9-2.2% from "
+        "MC-10,000, median, where the linearised full mode is 3-44% off and the GLM, a different predictive, 68-99.8% "
+        "off on the marglik posteriors): so on marglik posteriors they are as poor as MC-1000, and on the "
+        "validation-tuned and IVON posteriors they are the best compiled mode, close to MC-1000; that is why they "
+        "are the default for IVON. `calibrate` reaches the MAP (scale 0) where the uncertainty does not help, and "
+        "`calibrate(choose=True)` picks the better predictive on the validation split."
+    )
 
     def datasets(self, smoke: bool) -> list[str]:
         return ["breast-cancer", "wine"] if smoke else list(TABULAR)
