@@ -218,6 +218,7 @@ def test_calibration_can_choose_the_map_and_says_it_stopped_at_the_bound():
     assert narrow.calibration.at_bound == "upper"
 
 
+@pytest.mark.slow
 def test_calibration_chooses_among_the_predictives_by_validation_nlpd(tmp_path):
     """Each option compiled and calibrated on its own: ``choose=True`` makes the model the one with the lowest
     validation NLPD, and records every option's."""

@@ -265,6 +265,7 @@ def wide_mlp(request):
     return request.param, model, post, x, monte_carlo(model, post, x, n_samples=20_000)
 
 
+@pytest.mark.slow
 def test_moment_matched_mlp_matches_monte_carlo_at_wide_variance(wide_mlp):
     """Full mode: the latent variance within 3% of Monte Carlo (median over outputs; measured 0.2-1.3%, where the
     linearised rule is 3-14% off), the mean within 0.05 standard deviations (measured 0.013-0.019; linearised
