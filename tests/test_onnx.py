@@ -45,7 +45,7 @@ def test_onnx_runtime_equals_torch_at_any_batch(tmp_path, covariance, output_cov
         np.testing.assert_allclose(out["mean"], model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("covariance", ["diag", "full"])
+@pytest.mark.parametrize("covariance", ["diag", pytest.param("full", marks=pytest.mark.slow)])
 def test_moment_matched_activations_export(tmp_path, covariance):
     """The moment-matched rules (closed forms and quadrature) in ONNX Runtime equal torch at other batch sizes."""
     torch.manual_seed(0)
