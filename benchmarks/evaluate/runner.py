@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -59,8 +60,6 @@ def _described(cm) -> str:
 
 def _quietly(fn, *args, **kwargs):
     """``fn`` with its warnings silenced (calibrate's bound warnings; the record keeps ``at_bound``)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args, **kwargs)

@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+import momentprop as mp
+from momentprop.passes.registry import RULES
 from oracles import (
     Gaussian,
     Source,
@@ -193,8 +195,6 @@ def test_nonlinear_mlp_matches_monte_carlo(mlp_with_mc, covariance):
 # activations="moment_matched": Gaussian moments of each activation
 # ---------------------------------------------------------------------------------------------------------------
 
-import momentprop as mp  # noqa: E402
-from momentprop.passes.registry import RULES  # noqa: E402
 
 MATCHED = {op: rule.fn.gaussian_moments for op, rule in RULES.items()
            if getattr(rule.fn, "gaussian_moments", None) is not None}
