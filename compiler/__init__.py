@@ -32,7 +32,7 @@ from .errors import (
 from .meanfield import deterministic_meanfield
 from .onnx_runner import OnnxRunner, predict_onnx
 from .options import (
-    AUTOMATIC, CompiledInfo, Options, default_activations, default_covariance, default_predictive,
+    AUTOMATIC, CompiledInfo, Options, default_activations, default_covariance, default_link, default_predictive,
 )
 from .persist import load_posterior, save_posterior
 from .laplace import is_laplace
@@ -60,7 +60,7 @@ def compile(
     sigma_noise: float | None = None,
     output_covariance: bool = False,
     variance_scale: float = 1.0,
-    link: str = "probit",
+    link: str | None = None,
     input_variance: bool = False,
     attention: str = "paper",
     predictive: str | None = None,
@@ -82,7 +82,9 @@ def compile(
         sigma_noise: regression observation noise standard deviation.
         output_covariance: in diag mode, return the full covariance of the final layer's output.
         variance_scale: multiplies the output (co)variance (the paper's scale factor; ``cm.calibrate`` fits it).
-        link: classification head: ``"probit"``, or laplace-torch's Laplace bridge ``"bridge"`` / ``"bridge_norm"``.
+        link: classification head: ``"probit"`` (per logit), ``"pairwise"`` (the probit of each logit difference,
+            with the covariance between logits), or laplace-torch's Laplace bridge ``"bridge"`` / ``"bridge_norm"``.
+            Default: "pairwise" for two classes with ``predictive="suq"``, "probit" otherwise.
         input_variance: add one elementwise variance input per model input (named ``input_variance``, or
             ``<input name>_variance`` for several inputs), to push a Gaussian over the inputs through the network.
         attention: ``"paper"`` (queries and keys deterministic: attention weights from the means) or
@@ -138,7 +140,8 @@ def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: 
         sigma_noise = fitted_sigma
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    automatic = tuple(name for name in AUTOMATIC if keywords.get(name) is None)
+    automatic = tuple(name for name in AUTOMATIC if keywords.get(name) is None and (
+        name != "link" or likelihood == "classification"))
     source = "laplace" if is_laplace(posterior) else "variational" if posterior is None or is_ivon(posterior) else (
         "variances")
     if "predictive" in automatic:
@@ -146,7 +149,8 @@ def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: 
                                                     keywords.get("activations"))
     if "activations" in automatic:
         keywords["activations"] = default_activations(source, keywords["predictive"])
-    provisional = {"covariance": keywords.get("covariance") or "diag"}  # chosen from the graph after capture
+    # chosen from the graph after capture
+    provisional = {"covariance": keywords.get("covariance") or "diag", "link": keywords.get("link") or "probit"}
     options = Options(**{**keywords, **provisional, "likelihood": likelihood, "sigma_noise": sigma_noise,
                          "automatic": automatic})
     if options.variance_scale == 0:
@@ -186,6 +190,9 @@ def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: 
             widest = max((p.shape[0] for p in model.parameters() if p.dim()), default=1)
             options = dataclasses.replace(options, covariance=default_covariance(
                 output_shape(program.graph), widest, has_attention(program.graph)))
+        if "link" in automatic:
+            options = dataclasses.replace(options, link=default_link(
+                options.likelihood, options.predictive, output_shape(program.graph)))
         interpreter = MomentInterpreter(program, model, variances, options)
         if options.input_variance:
             inputs = inputs + tuple(torch.zeros_like(x) for x in inputs)

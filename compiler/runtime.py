@@ -56,8 +56,10 @@ class CompiledModel:
             chosen = " (default for this posterior and graph)" if name in options.automatic else ""
             return f"{name}={getattr(options, name)!r}{chosen}"
 
-        parts = [shown("predictive"), shown("covariance"), shown("activations"), f"likelihood={options.likelihood!r}",
-                 f"variance_scale={self.variance_scale:.4g}", f"random parameters: {len(self.random_parameters)}"]
+        parts = [shown("predictive"), shown("covariance"), shown("activations"), f"likelihood={options.likelihood!r}"]
+        if options.likelihood == "classification":
+            parts.append(shown("link"))
+        parts += [f"variance_scale={self.variance_scale:.4g}", f"random parameters: {len(self.random_parameters)}"]
         return "CompiledModel(" + ", ".join(parts) + ")"
 
     @property

@@ -1,7 +1,8 @@
 """Predictive heads applied to the output moments.
 
-* classification, probit approximation: ``p = softmax(mu / sqrt(1 + pi/8 * sigma^2))`` over the last dim,
-  or the Laplace bridge (``laplace_bridge``);
+* classification, probit approximation: ``p = softmax(mu / sqrt(1 + pi/8 * sigma^2))`` over the last dim;
+  the pairwise probit (``pairwise_probit``), which uses the variance of each logit difference; or the Laplace
+  bridge (``laplace_bridge``);
 * regression: ``N(mu, sigma^2 + sigma_noise^2)`` (full: ``Sigma + sigma_noise^2 I``).
 
 The variance scale (the paper's scale factor) multiplies the output (co)variance before any head.
@@ -29,6 +30,22 @@ def symmetric(cov: Tensor) -> Tensor:
 def probit(mean: Tensor, variance: Tensor) -> Tensor:
     """Class probabilities by the probit approximation of the softmax-Gaussian integral."""
     return torch.softmax(mean * torch.rsqrt(1.0 + (math.pi / 8.0) * variance), dim=-1)
+
+
+def pairwise_probit(mean: Tensor, cov: Tensor) -> Tensor:
+    """Class probabilities from the logit differences (Lu, Ie & Sha 2020, "Mean-field approximation to
+    Gaussian-softmax integral with application to uncertainty estimation"): ``softmax_k(z) = 1 / sum_j
+    exp(-(z_k - z_j))``, and each difference gets the probit scaling of its own variance ``S_kk + S_jj - 2 S_kj``:
+    ``p_k ∝ 1 / sum_j exp(-(mu_k - mu_j) / sqrt(1 + pi/8 * var(z_k - z_j)))``, normalised.  With two classes this
+    is MacKay's probit approximation of the logistic-Gaussian integral of the logit difference; the per-logit
+    probit scales each logit by its own variance and misses the correlation between them, which decides the
+    binary prediction."""
+    variance = torch.diagonal(cov, dim1=-2, dim2=-1)
+    difference_variance = (variance.unsqueeze(-1) + variance.unsqueeze(-2) - 2.0 * cov).clamp_min(0.0)
+    difference = mean.unsqueeze(-1) - mean.unsqueeze(-2)
+    scaled = difference * torch.rsqrt(1.0 + (math.pi / 8.0) * difference_variance)
+    unnormalised = torch.exp(-torch.logsumexp(-scaled, dim=-1))
+    return unnormalised / unnormalised.sum(-1, keepdim=True)
 
 
 def add_observation_noise(variance_or_cov: Tensor, noise_variance: Tensor, full: bool) -> Tensor:
@@ -59,14 +76,17 @@ def laplace_bridge(mean: Tensor, cov: Tensor, normalise: bool = False) -> Tensor
     return torch.nan_to_num(alpha / alpha.sum(-1, keepdim=True), nan=1.0)
 
 
-LINKS = ("probit", "bridge", "bridge_norm")
+LINKS = ("probit", "pairwise", "bridge", "bridge_norm")
 
 
 def class_probabilities(mean: Tensor, variance_or_cov: Tensor, full: bool, link: str = "probit") -> Tensor:
-    """The classification head: probit on the variances, or the Laplace bridge on the covariance."""
+    """The classification head: probit on the variances, the pairwise probit or the Laplace bridge on the
+    covariance (diag mode: its diagonal)."""
     if link == "probit":
         return probit(mean, diagonal(variance_or_cov, full))
     cov = variance_or_cov if full else diagonal_matrix(variance_or_cov)
+    if link == "pairwise":
+        return pairwise_probit(mean, cov)
     return laplace_bridge(mean, cov, normalise=link == "bridge_norm")
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ivon
 import laplace
 import pytest
 import torch
@@ -162,17 +163,16 @@ def test_a_laplace_posterior_gets_laplace_torchs_own_predictive_by_default(struc
     cm = mp.compile(model, la, (X_TEST,))
     options = cm.info.options
     assert (options.predictive, options.covariance, options.link) == ("glm", "full", "probit")
-    assert set(options.automatic) == {"predictive", "covariance", "activations"}
+    assert set(options.automatic) == {"predictive", "covariance", "activations", "link"}
     assert options.activations == "linearised"
     assert "(default for this posterior and graph)" in repr(cm)
-    assert cm.model_card()["chosen_by_default"] == ["covariance", "predictive", "activations"]
+    assert cm.model_card()["chosen_by_default"] == ["covariance", "predictive", "activations", "link"]
     torch.testing.assert_close(cm.predict(X_TEST), la(X_TEST).float(), rtol=1e-4, atol=1e-6)
 
 
 def test_other_posteriors_get_the_papers_predictive_and_explicit_options_win():
     """Plain variances: the paper's rule; an IVON posterior: the paper's rule with moment-matched activations (the
     best measured choice for it); explicit options always win."""
-    import ivon
 
     model = make_mlp([5, 16, 3], nn.Tanh, seed=4)
     cm = mp.compile(model, 1e-3, (X_TEST,))
@@ -185,8 +185,21 @@ def test_other_posteriors_get_the_papers_predictive_and_explicit_options_win():
     la = fitted(model, subset_of_weights="all", hessian_structure="kron")
     cm = mp.compile(model, la, (X_TEST,), predictive="suq", covariance="diag")
     assert (cm.info.options.predictive, cm.info.options.covariance) == ("suq", "diag")
-    assert cm.info.options.automatic == ("activations",)
+    assert cm.info.options.automatic == ("activations", "link")
     assert "covariance='diag' (default" not in repr(cm) and "predictive='suq' (default" not in repr(cm)
+
+
+def test_two_classes_get_the_pairwise_probit_under_the_papers_predictive_only():
+    model = make_mlp([5, 8, 2], nn.Tanh, seed=4)
+    optimizer = ivon.IVON(model.parameters(), lr=0.1, ess=100)
+    assert mp.compile(model, optimizer, (X_TEST,), likelihood="classification").info.options.link == "pairwise"
+    la = laplace.Laplace(model, "classification", subset_of_weights="last_layer")
+    la.fit(DataLoader(TensorDataset(X, Y % 2), batch_size=32))
+    assert mp.compile(model, la, (X_TEST,)).info.options.link == "probit"  # laplace-torch's own link for its GLM
+    three = make_mlp([5, 8, 3], nn.Tanh, seed=4)
+    optimizer = ivon.IVON(three.parameters(), lr=0.1, ess=100)
+    assert mp.compile(three, optimizer, (X_TEST,), likelihood="classification").info.options.link == "probit"
+    assert "link" not in mp.compile(model, 1e-3, (X_TEST,)).info.options.automatic  # no likelihood, no link
 
 
 @pytest.mark.parametrize("sizes", [[5, 600, 3], [5, 16, 200]], ids=["wide layer", "wide output"])

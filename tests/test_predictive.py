@@ -1,5 +1,5 @@
-"""The predictive beyond the latent moments: calibration of the variance scale, the Laplace-bridge links and
-input uncertainty."""
+"""The predictive beyond the latent moments: calibration of the variance scale, the pairwise-probit and
+Laplace-bridge links and input uncertainty."""
 
 from __future__ import annotations
 
@@ -144,6 +144,50 @@ def test_bridge_links(link):
     mean, cov = cm(x)
     reference = _bridge_reference(mean, cov, link == "bridge_norm")
     torch.testing.assert_close(cm.predict(x).double(), reference, rtol=1e-4, atol=1e-6)
+
+
+def _pairwise_reference(mean, cov):
+    """Lu, Ie & Sha (2020), one class pair at a time: p_k ∝ 1 / sum_j exp(-(m_k - m_j) / sqrt(1 + pi/8 v_kj)),
+    v_kj = S_kk + S_jj - 2 S_kj."""
+    mean, cov = mean.double(), cov.double()
+    out = torch.empty_like(mean)
+    for n in range(mean.shape[0]):
+        for k in range(mean.shape[1]):
+            total = 0.0
+            for j in range(mean.shape[1]):
+                v = cov[n, k, k] + cov[n, j, j] - 2 * cov[n, k, j]
+                total += math.exp(-(mean[n, k] - mean[n, j]) / math.sqrt(1 + math.pi / 8 * v))
+            out[n, k] = 1 / total
+    return out / out.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_pairwise_link_is_the_probit_of_each_logit_difference(tmp_path, classes):
+    model = make_mlp([6, 16, classes], nn.Tanh, seed=14)
+    x = torch.randn(5, 6)
+    cm = mp.compile(model, random_posterior(model, 3e-2), (x,), likelihood="classification", link="pairwise",
+                    covariance="full")
+    mean, cov = cm(x)
+    torch.testing.assert_close(cm.predict(x).double(), _pairwise_reference(mean, cov), rtol=1e-4, atol=1e-6)
+    out = mp.OnnxRunner(cm.to_onnx(tmp_path / "pairwise.onnx"))(x)
+    np.testing.assert_allclose(out["probs"], cm.predict(x).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_pairwise_link_sees_the_correlation_that_decides_a_binary_prediction():
+    """Two logits that move together: their difference is nearly certain, so the class probability is nearly the
+    MAP's, and Monte Carlo over the logit Gaussian agrees; the per-logit probit shrinks both logits towards 0 and
+    is far off."""
+    mean = torch.tensor([[2.0, -1.0]])
+    cov = torch.tensor([[[9.0, 8.9], [8.9, 9.0]]])
+    g = torch.Generator().manual_seed(15)
+    z = mean + torch.randn(200_000, 2, generator=g) @ torch.linalg.cholesky(cov[0]).T
+    monte_carlo = torch.softmax(z, -1).mean(0)
+    from momentprop.passes.heads import class_probabilities
+
+    pairwise = class_probabilities(mean, cov, full=True, link="pairwise")[0]
+    per_logit = class_probabilities(mean, cov, full=True, link="probit")[0]
+    assert abs(pairwise[0] - monte_carlo[0]) < 0.01
+    assert abs(per_logit[0] - monte_carlo[0]) > 0.1
 
 
 def test_bridge_matches_laplace_torch():
