@@ -150,3 +150,16 @@ def embedding(ctx: RuleContext, weight: Moment, indices, padding_idx: int = -1, 
     """A lookup in a random table: the table's noise is looked up with the rows (exact)."""
     mean = aten.embedding.default(weight.mean, indices, padding_idx)
     return weight.moved(mean, embedding_move(indices))
+
+
+@register(aten.repeat.default, whole=True)
+def repeat(ctx: RuleContext, x: Moment, repeats) -> Moment:
+    """Tiling: each dim ``n`` repeated ``r`` times is a new dim of size ``r`` expanded in front of it, then merged
+    (exact: the tiles are one noise)."""
+    mean = aten.repeat.default(x.mean, repeats)
+    shape = (1,) * (len(repeats) - x.mean.dim()) + tuple(x.mean.shape)
+    spaced = x.mean.reshape([d for n in shape for d in (1, n)])
+    tiled = spaced.expand([d for r, n in zip(repeats, shape) for d in (r, n)])
+    out = x.moved(spaced, reshape_move(x.mean.shape, spaced.shape))
+    out = out.moved(tiled, expand_move(spaced.shape, tiled.shape))
+    return out.moved(mean, reshape_move(tiled.shape, mean.shape))

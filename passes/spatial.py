@@ -1,0 +1,362 @@
+"""Convolutional networks: convolutions, and the linear ops over the dims of an image or a sequence.
+
+Two families.
+
+* **Linear maps along a dim** (``along``): reductions (``sum``, ``mean``), pooling by averaging (``avg_pool``,
+  ``adaptive_avg_pool``), resampling (nearest and bilinear ``upsample``), ``cumsum``, and ``sort``/``topk`` (the
+  permutation taken from the mean) each apply a fixed matrix along one or two dims.  The matrix is found by applying
+  the op itself to an identity (so every option of the op, ``ceil_mode``, ``align_corners``, padding, is honoured
+  without being re-derived), and applied as a matrix map: over the last dim every map is kept (exact); another dim
+  is moved last and back, which keeps every noise's identity (a bias shared by all positions stays shared) and
+  collapses only matrix maps over the last dim in full mode.  Pooling in 2-d is the product of its two 1-d maps:
+  PyTorch's divisor (valid rows x valid columns, with or without padding) factorises the same way.
+* **Convolution** (``convolution``, 1-d to 3-d, stride, padding, dilation, groups, transposed): the paper's
+  linear-layer rule at every output location, computed as convolutions, ``Var = conv(m^2, S) + conv(v, M^2) +
+  conv(v, S) + s_b`` (``predictive="glm"``: without ``conv(v, S)``), one fresh noise for the weight and input
+  terms, the bias noise kept (shared by every location).  Approximation: the inputs of a convolution are taken
+  independent, and its output entries are taken independent of each other apart from the bias, in both covariance
+  modes; so full mode is exact only after the last random convolution (a random head on a fixed feature
+  extractor), and a sum over positions of a random convolution's outputs misses their correlation through the
+  shared kernel.  A weight posterior with correlated entries (Kronecker factors) enters through its marginal
+  variances.
+
+Max pooling is linearised at the arg-max of the mean (each window's winner is the entry that wins at the mean; good
+where the winner is clear, as Monte Carlo agrees then), as a fresh noise with the winner's variance.  GroupNorm and
+InstanceNorm are linearised with their statistics, as LayerNorm is (``normalisation.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .elementwise import add, mul
+from .moment import (
+    Moment, Noise, Term, expand_move, is_random, mean_of, merged, pad_move, permute_move, reshape_move, slice_move,
+)
+from .normalisation import _normalised_moment
+from .registry import RuleContext, register
+
+aten = torch.ops.aten
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear maps along a dim
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def along(x: Moment, dim: int, matrix: Tensor) -> Moment:
+    """``x`` with ``matrix`` (``(out, n)``, or per row ``(..., out, n)`` shaped like x's other dims) applied along
+    ``dim``.  The mean of the result is the mapped mean; rules replace it by the plain op's."""
+    ndim = x.mean.dim()
+    dim = dim % ndim
+    if dim == ndim - 1:
+        mean = (matrix @ x.mean.unsqueeze(-1)).squeeze(-1)
+        return x.left_multiplied(mean, matrix)
+    order = [d for d in range(ndim) if d != dim] + [dim]
+    inverse = [order.index(d) for d in range(ndim)]
+    moved = x.moved(x.mean.permute(order), permute_move(order, x.mean.shape))
+    mapped = along(moved, ndim - 1, matrix)
+    return mapped.moved(mapped.mean.permute(inverse), permute_move(inverse, mapped.mean.shape))
+
+
+def _identity_images(n: int, like: Tensor) -> Tensor:
+    """``n`` one-hot signals of length ``n`` as ``(n, 1, n)``: an op applied to them gives its matrix, transposed."""
+    return torch.eye(n, dtype=like.dtype, device=like.device).unsqueeze(1)
+
+
+def _matrix_1d(op_1d, n: int, like: Tensor) -> Tensor:
+    """The ``(out, n)`` matrix of a linear 1-d op ``(N, 1, n) -> (N, 1, out)``."""
+    return op_1d(_identity_images(n, like))[:, 0, :].T.contiguous()
+
+
+def _spatial(x: Moment, mean: Tensor, matrices: list[Tensor]) -> Moment:
+    """A separable linear op over the last ``len(matrices)`` dims, one ``(out, n)`` matrix per dim; the mean is the
+    plain op's."""
+    out = x
+    for i, matrix in enumerate(matrices):
+        out = along(out, x.mean.dim() - len(matrices) + i, matrix)
+    return out.with_mean(mean)
+
+
+def _per_dim(value, dims: int) -> list:
+    value = list(value) if isinstance(value, (list, tuple)) else [value]
+    return value * dims if len(value) == 1 else value
+
+
+def _avg_pool(x: Moment, mean: Tensor, kernel_size, stride, padding, ceil_mode, count_include_pad,
+              divisor_override, dims: int) -> Moment:
+    """Each dim's 1-d average pooling matrix; PyTorch's divisor (the window's size, clipped at the padded edge, or
+    its valid entries) is the product of the 1-d divisors.  ``divisor_override``: window sums over it."""
+    kernel, padding = _per_dim(kernel_size, dims), _per_dim(padding, dims)
+    stride = _per_dim(stride, dims) if stride else kernel
+    matrices = []
+    for i, (k, s, p) in enumerate(zip(kernel, stride, padding)):
+        n = x.mean.shape[x.mean.dim() - dims + i]
+        matrix = _matrix_1d(lambda t: aten.avg_pool1d.default(t, [k], [s], [p], ceil_mode, count_include_pad), n,
+                            x.mean)
+        matrices.append((matrix > 0).to(matrix.dtype) if divisor_override else matrix)
+    if divisor_override:
+        matrices[0] = matrices[0] / divisor_override
+    return _spatial(x, mean, matrices)
+
+
+@register(aten.avg_pool1d.default, whole=True)
+def avg_pool1d(ctx: RuleContext, x: Moment, kernel_size, stride=(), padding=0, ceil_mode=False,
+               count_include_pad=True) -> Moment:
+    """Average pooling: linear, separable (exact maps)."""
+    mean = aten.avg_pool1d.default(x.mean, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    return _avg_pool(x, mean, kernel_size, stride, padding, ceil_mode, count_include_pad, None, dims=1)
+
+
+@register(aten.avg_pool2d.default, whole=True)
+def avg_pool2d(ctx: RuleContext, x: Moment, kernel_size, stride=(), padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None) -> Moment:
+    """Average pooling: linear, separable (exact maps)."""
+    mean = aten.avg_pool2d.default(x.mean, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                    divisor_override)
+    return _avg_pool(x, mean, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, dims=2)
+
+
+@register(aten.avg_pool3d.default, whole=True)
+def avg_pool3d(ctx: RuleContext, x: Moment, kernel_size, stride=(), padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None) -> Moment:
+    """Average pooling: linear, separable (exact maps)."""
+    mean = aten.avg_pool3d.default(x.mean, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                    divisor_override)
+    return _avg_pool(x, mean, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, dims=3)
+
+
+@register(aten._adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default, aten._adaptive_avg_pool3d.default,
+          whole=True)
+def adaptive_avg_pool(ctx: RuleContext, x: Moment, output_size) -> Moment:
+    """Adaptive average pooling (1-3 d): linear, separable (exact maps)."""
+    op = {1: aten.adaptive_avg_pool1d.default, 2: aten._adaptive_avg_pool2d.default,
+          3: aten._adaptive_avg_pool3d.default}[len(output_size)]
+    mean = op(x.mean, output_size)
+    spatial = x.mean.shape[x.mean.dim() - len(output_size):]
+    return _spatial(x, mean, [_matrix_1d(lambda t, size=size: F.adaptive_avg_pool1d(t, size), n, x.mean)
+                              for n, size in zip(spatial, output_size)])
+
+
+def _resampled(x: Moment, mean: Tensor, mode: str, align_corners: bool | None, scale_factors) -> Moment:
+    """One interpolation matrix per spatial dim, from the 1-d op with the same size or scale factor."""
+    matrices = []
+    for i in range(mean.dim() - 2):
+        n = x.mean.shape[2 + i]
+        size = {"size": mean.shape[2 + i]} if not scale_factors else {"scale_factor": scale_factors[i]}
+        matrices.append(_matrix_1d(lambda t: F.interpolate(t, mode=mode, align_corners=align_corners, **size), n,
+                                   x.mean))
+    return _spatial(x, mean, matrices)
+
+
+@register(aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec, whole=True)
+def upsample_nearest(ctx: RuleContext, x: Moment, output_size, scale_factors) -> Moment:
+    """Nearest resampling: every output entry is a copy of one input entry (exact maps; copies stay one noise)."""
+    op = {3: aten.upsample_nearest1d.vec, 4: aten.upsample_nearest2d.vec, 5: aten.upsample_nearest3d.vec}[
+        x.mean.dim()]
+    return _resampled(x, op(x.mean, output_size, scale_factors), "nearest", None, scale_factors)
+
+
+@register(aten.upsample_bilinear2d.vec, aten.upsample_linear1d.vec, aten.upsample_trilinear3d.vec, whole=True)
+def upsample_linear(ctx: RuleContext, x: Moment, output_size, align_corners, scale_factors) -> Moment:
+    """(Bi/tri)linear resampling: a fixed interpolation matrix per dim (exact maps)."""
+    op = {3: aten.upsample_linear1d.vec, 4: aten.upsample_bilinear2d.vec, 5: aten.upsample_trilinear3d.vec}[
+        x.mean.dim()]
+    return _resampled(x, op(x.mean, output_size, align_corners, scale_factors), "linear", align_corners,
+                      scale_factors)
+
+
+def _reduced(x: Moment, dims, keepdim: bool, mean: Tensor, weight: float) -> Moment:
+    ndim = x.mean.dim()
+    dims = sorted({d % ndim for d in (range(ndim) if dims is None or len(dims) == 0 else dims)})
+    out = x
+    for d in dims:
+        n = x.mean.shape[d]
+        out = along(out, d, torch.full((1, n), weight if weight else 1.0 / n, dtype=x.mean.dtype,
+                                       device=x.mean.device))
+    kept = out.mean
+    return out.moved(mean, reshape_move(kept.shape, mean.shape)) if not keepdim else out.with_mean(mean)
+
+
+@register(aten.sum.dim_IntList, whole=True)
+def sum_dims(ctx: RuleContext, x: Moment, dims=None, keepdim: bool = False, dtype=None) -> Moment:
+    """Sum over dims: linear (exact maps)."""
+    return _reduced(x, dims, keepdim, aten.sum.dim_IntList(x.mean, dims, keepdim, dtype=dtype), 1.0)
+
+
+@register(aten.mean.dim, whole=True)
+def mean_dims(ctx: RuleContext, x: Moment, dims=None, keepdim: bool = False, dtype=None) -> Moment:
+    """Mean over dims (global average pooling): linear (exact maps)."""
+    return _reduced(x, dims, keepdim, aten.mean.dim(x.mean, dims, keepdim, dtype=dtype), 0.0)
+
+
+@register(aten.cumsum.default, whole=True)
+def cumsum(ctx: RuleContext, x: Moment, dim: int, dtype=None) -> Moment:
+    """Cumulative sum: a lower-triangular matrix of ones along ``dim`` (exact maps)."""
+    n = x.mean.shape[dim]
+    lower = torch.tril(torch.ones(n, n, dtype=x.mean.dtype, device=x.mean.device))
+    return along(x, dim, lower).with_mean(aten.cumsum.default(x.mean, dim, dtype=dtype))
+
+
+def _permuted_by_the_mean(x: Moment, values: Tensor, indices: Tensor, dim: int) -> Moment:
+    """``x`` gathered along ``dim`` at ``indices`` (taken from the mean): a one-hot matrix per row."""
+    ndim = x.mean.dim()
+    dim = dim % ndim
+    n = x.mean.shape[dim]
+    rows = indices.movedim(dim, -1)
+    selection = F.one_hot(rows, n).to(x.mean.dtype)  # (..., k, n) per row
+    return along(x, dim, selection).with_mean(values)
+
+
+@register(aten.sort.default, whole=True)
+def sort(ctx: RuleContext, x: Moment, dim: int = -1, descending: bool = False):
+    """Sort by the mean: the permutation that sorts the mean moves every map (the order is taken as fixed)."""
+    values, indices = aten.sort.default(x.mean, dim, descending)
+    return _permuted_by_the_mean(x, values, indices, dim), indices
+
+
+@register(aten.topk.default, whole=True)
+def topk(ctx: RuleContext, x: Moment, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+    """The k largest (smallest) entries of the mean, with their maps (the selection is taken as fixed)."""
+    values, indices = aten.topk.default(x.mean, k, dim, largest, sorted)
+    return _permuted_by_the_mean(x, values, indices, dim), indices
+
+
+@register(aten.constant_pad_nd.default, whole=True)
+def constant_pad_nd(ctx: RuleContext, x: Moment, pad, value=0.0) -> Moment:
+    """Padding with a constant: the maps are padded with zeros (negative pads crop; exact)."""
+    mean = aten.constant_pad_nd.default(x.mean, pad, value)
+    out = x
+    ndim = x.mean.dim()
+    for i in range(len(pad) // 2):
+        dim = ndim - 1 - i
+        before, after = pad[2 * i], pad[2 * i + 1]
+        current = out.mean
+        if before < 0 or after < 0:  # crop first
+            size = current.shape[dim]
+            start, end = max(-before, 0), size - max(-after, 0)
+            cropped = current.narrow(dim, start, end - start)
+            out = out.moved(cropped, slice_move(ndim, dim, start, end, 1, size))
+            current = cropped
+        before, after = max(before, 0), max(after, 0)
+        if before or after:
+            padded = F.pad(current, [0, 0] * (ndim - 1 - dim) + [before, after])
+            out = out.moved(padded, pad_move(ndim, dim, before, after, current.shape[dim]))
+    return out.with_mean(mean)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Max pooling
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _max_pool(x: Moment, op, args) -> tuple:
+    values, indices = op(x.mean, *args)
+    flat = x.variance().flatten(2)
+    var = flat.gather(2, indices.flatten(2)).reshape(values.shape)
+    return Moment.diagonal(values, var), indices
+
+
+@register(aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default, whole=True)
+def max_pool_with_indices(ctx: RuleContext, x: Moment, kernel_size, stride=(), padding=0, dilation=1,
+                          ceil_mode=False) -> tuple:
+    """Max pooling linearised at the arg-max of the mean: each window passes on its winner at the mean, with that
+    entry's variance, as a fresh noise (correlations across windows are dropped)."""
+    op = {4: aten.max_pool2d_with_indices.default, 5: aten.max_pool3d_with_indices.default}[x.mean.dim()]
+    return _max_pool(x, op, (kernel_size, stride, padding, dilation, ceil_mode))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Convolution
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@register(aten.convolution.default, whole=True)
+def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, transposed, output_padding,
+                groups) -> Moment:
+    """``conv(x, W) + b``: the paper's linear-layer rule per output location, as convolutions:
+    ``Var = conv(m^2, S) + conv(v, M^2) + conv(v, S) + s_b`` (glm: without ``conv(v, S)``); see the module."""
+
+    def conv(inputs: Tensor, kernel: Tensor, b: Tensor | None = None) -> Tensor:
+        return aten.convolution.default(inputs, kernel, b, stride, padding, dilation, transposed, output_padding,
+                                        groups)
+
+    x_mean, w_mean = mean_of(x), mean_of(weight)
+    mean = conv(x_mean, w_mean, mean_of(bias))
+    var = None
+    x_var = x.variance() if is_random(x) else None
+    if x_var is not None:
+        var = conv(x_var, w_mean * w_mean)
+    if is_random(weight):
+        second = x_mean * x_mean
+        if x_var is not None and not ctx.first_order:
+            second = second + x_var
+        part = conv(second, weight.variance())
+        var = part if var is None else var + part
+    terms = [] if var is None else [Term(Noise(var))]
+    if is_random(bias):
+        channels = (1, -1) + (1,) * (mean.dim() - 2)
+        column = bias.moved(bias.mean.reshape(channels), reshape_move(bias.mean.shape, bias.mean.reshape(
+            channels).shape))
+        terms.extend(column.moved(mean, expand_move(column.mean.shape, mean.shape)).terms)
+    return merged(mean, terms)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Group and instance normalisation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@register(aten.native_group_norm.default, whole=True)
+def native_group_norm(ctx: RuleContext, x, weight, bias, n: int, channels: int, spatial: int, groups: int,
+                      eps: float):
+    """GroupNorm linearised at the mean input with its statistics (LayerNorm's rule over each group's
+    ``channels / groups x spatial`` entries, in its closed form: one fresh noise), then the per-channel affine."""
+    x_mean = mean_of(x)
+    out_mean, centre, inv_std = aten.native_group_norm.default(x_mean, mean_of(weight), mean_of(bias), n, channels,
+                                                               spatial, groups, eps)
+    grouped_mean = x_mean.reshape(x_mean.shape[0], groups, -1)
+    stats_inv_std = torch.rsqrt(grouped_mean.var(-1, unbiased=False, keepdim=True) + eps)
+    z = (grouped_mean - grouped_mean.mean(-1, keepdim=True)) * stats_inv_std
+    out = z.reshape(x_mean.shape)
+    if is_random(x):
+        grouped = Moment.diagonal(grouped_mean, x.variance().reshape(grouped_mean.shape))
+        out = Moment.diagonal(out, _normalised_moment(grouped, z, stats_inv_std, (-1,), False).variance().reshape(
+            x_mean.shape))
+    shape = (1, -1) + (1,) * (x_mean.dim() - 2)
+    if weight is not None:
+        out = mul(ctx, out, _channelwise(weight, shape))
+    if bias is not None:
+        out = add(ctx, out, _channelwise(bias, shape))
+    out = out.with_mean(out_mean) if is_random(out) else out_mean
+    return out, centre, inv_std
+
+
+def _channelwise(value, shape):
+    if not is_random(value):
+        return value.reshape(shape)
+    mean = value.mean.reshape(shape)
+    return value.moved(mean, reshape_move(value.mean.shape, mean.shape))
+
+
+@register(aten._native_batch_norm_legit.no_stats, whole=True)
+def instance_norm(ctx: RuleContext, x, weight, bias, training: bool, momentum: float, eps: float):
+    """Batch statistics of the input itself (how InstanceNorm exports: the batch folded into the channels),
+    linearised at the mean with its statistics, per channel over every other dim (LayerNorm's closed form)."""
+    x_mean = mean_of(x)
+    out_mean, centre, inv_std = aten._native_batch_norm_legit.no_stats(
+        x_mean, mean_of(weight), mean_of(bias), training, momentum, eps)
+    dims = tuple(d for d in range(x_mean.dim()) if d != 1)
+    stats_inv_std = torch.rsqrt(x_mean.var(dims, unbiased=False, keepdim=True) + eps)
+    z = (x_mean - x_mean.mean(dims, keepdim=True)) * stats_inv_std
+    out = _normalised_moment(Moment.diagonal(x_mean, x.variance()), z, stats_inv_std, dims, False) if is_random(
+        x) else z
+    shape = (1, -1) + (1,) * (x_mean.dim() - 2)
+    if weight is not None:
+        out = mul(ctx, out, _channelwise(weight, shape))
+    if bias is not None:
+        out = add(ctx, out, _channelwise(bias, shape))
+    out = out.with_mean(out_mean) if is_random(out) else out_mean
+    return out, centre, inv_std
