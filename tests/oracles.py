@@ -220,3 +220,70 @@ def source_posterior(model: nn.Module, scale: float = 1e-2, seed: int = 0) -> di
     """A random posterior on the ``bayes`` layers of every :class:`Source` in ``model``; everything else fixed."""
     names = {n for n, _ in model.named_parameters() if "bayes" in n.split(".")}
     return random_posterior(model, scale=scale, seed=seed, names=names)
+
+
+# ---- convolutional networks (the architectures of the convolution issue), images (B, C, 16, 16) -----------------
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.bn(self.conv1(x)))))
+
+
+class _UNet(nn.Module):
+    """Down by max pooling and a strided conv, up by nearest and bilinear upsampling, skip by concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.down1, self.down2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.up, self.out = nn.Conv2d(8 + 4, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        skip = torch.relu(self.down1(x))
+        h = torch.relu(self.down2(nn.functional.max_pool2d(skip, 2)))
+        h = nn.functional.interpolate(h, scale_factor=2, mode="nearest")
+        h = nn.functional.interpolate(h, size=skip.shape[-2:], mode="bilinear")
+        h = torch.relu(self.up(torch.cat([h, skip], 1)))
+        return self.out(h).mean((2, 3))
+
+
+def make_cnn(name: str, seed: int = 0) -> nn.Module:
+    """``lenet``, ``resnet`` (skips, batch norm, global average pooling), ``unet``, ``mobile`` (depthwise +
+    pointwise, ReLU6, padding, group norm), ``conv1d`` (a sequence of 16 steps, dilated)."""
+    torch.manual_seed(seed)
+    if name == "lenet":
+        model = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
+                              nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(64, 24), nn.ReLU(),
+                              nn.Linear(24, 10))
+    elif name == "resnet":
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), _ResidualBlock(8),
+                              nn.Conv2d(8, 16, 3, stride=2), _ResidualBlock(16), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(16, 10))
+    elif name == "unet":
+        model = _UNet()
+    elif name == "mobile":
+        model = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(1, 8, 3, stride=2), nn.Hardtanh(0, 6),
+                              nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.GroupNorm(2, 8), nn.Hardtanh(0, 6),
+                              nn.Conv2d(8, 16, 1), nn.InstanceNorm2d(16, affine=True), nn.AdaptiveAvgPool2d(2),
+                              nn.Flatten(), nn.Linear(64, 10))
+    elif name == "conv1d":
+        model = nn.Sequential(nn.Conv1d(3, 8, 3, dilation=2), nn.Tanh(), nn.ConvTranspose1d(8, 4, 2, stride=2),
+                              nn.AvgPool1d(2), nn.Flatten(), nn.Linear(4 * 12, 5))
+    else:
+        raise ValueError(name)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def cnn_input(name: str, batch: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    shape = (batch, 3, size) if name == "conv1d" else (batch, 1, size, size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
