@@ -154,8 +154,9 @@ def test_dnn_to_bnn_model_compiles_to_the_original_network():
     assert (var > 0).all()
 
 
-def test_convolution_layers_fail_in_the_compiler_with_a_clear_error():
-    """No moment rule for convolution yet: the mean path is captured and the compiler names the op and layer."""
+def test_a_bayesian_torch_convolution_has_the_monte_carlo_variance_of_its_posterior():
+    """One mean-field conv layer on a fixed input: every output's variance is exact in the diagonal rule
+    (``conv(x^2, sigma_w^2) + sigma_b^2``); the oracle samples the layer's kernel and bias and convolves."""
     class ConvNet(nn.Module):
         def __init__(self):
             super().__init__()
@@ -164,9 +165,20 @@ def test_convolution_layers_fail_in_the_compiler_with_a_clear_error():
         def forward(self, x):
             return self.conv(x)[0].flatten(1)
 
-    model = ConvNet()
-    with pytest.raises(mp.UnsupportedOpError, match=r"convolution.*Conv1dReparameterization"):
-        mp.compile(model, example_inputs=(torch.randn(2, 1, 6),))
+    torch.manual_seed(5)
+    model = ConvNet().eval()
+    x = torch.randn(2, 1, 6)
+    mean, var = mp.compile(model, example_inputs=(x,), covariance="diag")(x)
+    conv = model.conv
+    sigma_w, sigma_b = F.softplus(conv.rho_kernel).detach(), F.softplus(conv.rho_bias).detach()
+    g = torch.Generator().manual_seed(6)
+    samples = torch.stack([
+        F.conv1d(x, conv.mu_kernel + sigma_w * torch.randn(conv.mu_kernel.shape, generator=g),
+                 conv.mu_bias + sigma_b * torch.randn(conv.mu_bias.shape, generator=g)).flatten(1)
+        for _ in range(20_000)
+    ]).detach()
+    torch.testing.assert_close(mean, F.conv1d(x, conv.mu_kernel, conv.mu_bias).flatten(1).detach())
+    torch.testing.assert_close(var, samples.var(0), rtol=0.05, atol=0.0)
 
 
 class Derived(bt.LinearReparameterization):
