@@ -35,7 +35,7 @@ from .elementwise import add, mul
 from .moment import (
     Moment, Noise, Term, expand_move, is_random, mean_of, merged, pad_move, permute_move, reshape_move, slice_move,
 )
-from .normalisation import _normalised_moment
+from .normalisation import _normalised_moment, _per_channel
 from .registry import RuleContext, register
 
 aten = torch.ops.aten
@@ -297,9 +297,7 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
         var = part if var is None else var + part
     terms = [] if var is None else [Term(Noise(var))]
     if is_random(bias):
-        channels = (1, -1) + (1,) * (mean.dim() - 2)
-        column = bias.moved(bias.mean.reshape(channels), reshape_move(bias.mean.shape, bias.mean.reshape(
-            channels).shape))
+        column = _per_channel(bias, mean.dim())
         terms.extend(column.moved(mean, expand_move(column.mean.shape, mean.shape)).terms)
     return merged(mean, terms)
 
@@ -325,20 +323,12 @@ def native_group_norm(ctx: RuleContext, x, weight, bias, n: int, channels: int, 
         grouped = Moment.diagonal(grouped_mean, x.variance().reshape(grouped_mean.shape))
         out = Moment.diagonal(out, _normalised_moment(grouped, z, stats_inv_std, (-1,), False).variance().reshape(
             x_mean.shape))
-    shape = (1, -1) + (1,) * (x_mean.dim() - 2)
     if weight is not None:
-        out = mul(ctx, out, _channelwise(weight, shape))
+        out = mul(ctx, out, _per_channel(weight, x_mean.dim()))
     if bias is not None:
-        out = add(ctx, out, _channelwise(bias, shape))
+        out = add(ctx, out, _per_channel(bias, x_mean.dim()))
     out = out.with_mean(out_mean) if is_random(out) else out_mean
     return out, centre, inv_std
-
-
-def _channelwise(value, shape):
-    if not is_random(value):
-        return value.reshape(shape)
-    mean = value.mean.reshape(shape)
-    return value.moved(mean, reshape_move(value.mean.shape, mean.shape))
 
 
 @register(aten._native_batch_norm_legit.no_stats, whole=True)
@@ -353,10 +343,9 @@ def instance_norm(ctx: RuleContext, x, weight, bias, training: bool, momentum: f
     z = (x_mean - x_mean.mean(dims, keepdim=True)) * stats_inv_std
     out = _normalised_moment(Moment.diagonal(x_mean, x.variance()), z, stats_inv_std, dims, False) if is_random(
         x) else z
-    shape = (1, -1) + (1,) * (x_mean.dim() - 2)
     if weight is not None:
-        out = mul(ctx, out, _channelwise(weight, shape))
+        out = mul(ctx, out, _per_channel(weight, x_mean.dim()))
     if bias is not None:
-        out = add(ctx, out, _channelwise(bias, shape))
+        out = add(ctx, out, _per_channel(bias, x_mean.dim()))
     out = out.with_mean(out_mean) if is_random(out) else out_mean
     return out, centre, inv_std
