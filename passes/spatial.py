@@ -110,22 +110,14 @@ def avg_pool1d(ctx: RuleContext, x: Moment, kernel_size, stride=(), padding=0, c
     return _avg_pool(x, mean, kernel_size, stride, padding, ceil_mode, count_include_pad, None, dims=1)
 
 
-@register(aten.avg_pool2d.default, whole=True)
-def avg_pool2d(ctx: RuleContext, x: Moment, kernel_size, stride=(), padding=0, ceil_mode=False,
-               count_include_pad=True, divisor_override=None) -> Moment:
-    """Average pooling: linear, separable (exact maps)."""
-    mean = aten.avg_pool2d.default(x.mean, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                                    divisor_override)
-    return _avg_pool(x, mean, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, dims=2)
-
-
-@register(aten.avg_pool3d.default, whole=True)
-def avg_pool3d(ctx: RuleContext, x: Moment, kernel_size, stride=(), padding=0, ceil_mode=False,
-               count_include_pad=True, divisor_override=None) -> Moment:
-    """Average pooling: linear, separable (exact maps)."""
-    mean = aten.avg_pool3d.default(x.mean, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                                    divisor_override)
-    return _avg_pool(x, mean, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, dims=3)
+@register(aten.avg_pool2d.default, aten.avg_pool3d.default, whole=True)
+def avg_pool(ctx: RuleContext, x: Moment, kernel_size, stride=(), padding=0, ceil_mode=False,
+             count_include_pad=True, divisor_override=None) -> Moment:
+    """Average pooling (2-d, 3-d): linear, separable (exact maps)."""
+    dims = x.mean.dim() - 2
+    op = {2: aten.avg_pool2d.default, 3: aten.avg_pool3d.default}[dims]
+    mean = op(x.mean, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+    return _avg_pool(x, mean, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, dims)
 
 
 @register(aten._adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default, aten._adaptive_avg_pool3d.default,
@@ -307,6 +299,15 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _affine(ctx: RuleContext, z, weight, bias, mean: Tensor):
+    """``gamma z + beta`` per channel (dim 1); the result's mean is the plain op's ``mean``."""
+    if weight is not None:
+        z = mul(ctx, z, _per_channel(weight, mean.dim()))
+    if bias is not None:
+        z = add(ctx, z, _per_channel(bias, mean.dim()))
+    return z.with_mean(mean) if is_random(z) else mean
+
+
 @register(aten.native_group_norm.default, whole=True)
 def native_group_norm(ctx: RuleContext, x, weight, bias, n: int, channels: int, spatial: int, groups: int,
                       eps: float):
@@ -323,12 +324,7 @@ def native_group_norm(ctx: RuleContext, x, weight, bias, n: int, channels: int, 
         grouped = Moment.diagonal(grouped_mean, x.variance().reshape(grouped_mean.shape))
         out = Moment.diagonal(out, _normalised_moment(grouped, z, stats_inv_std, (-1,), False).variance().reshape(
             x_mean.shape))
-    if weight is not None:
-        out = mul(ctx, out, _per_channel(weight, x_mean.dim()))
-    if bias is not None:
-        out = add(ctx, out, _per_channel(bias, x_mean.dim()))
-    out = out.with_mean(out_mean) if is_random(out) else out_mean
-    return out, centre, inv_std
+    return _affine(ctx, out, weight, bias, out_mean), centre, inv_std
 
 
 @register(aten._native_batch_norm_legit.no_stats, whole=True)
@@ -343,9 +339,4 @@ def instance_norm(ctx: RuleContext, x, weight, bias, training: bool, momentum: f
     z = (x_mean - x_mean.mean(dims, keepdim=True)) * stats_inv_std
     out = _normalised_moment(Moment.diagonal(x_mean, x.variance()), z, stats_inv_std, dims, False) if is_random(
         x) else z
-    if weight is not None:
-        out = mul(ctx, out, _per_channel(weight, x_mean.dim()))
-    if bias is not None:
-        out = add(ctx, out, _per_channel(bias, x_mean.dim()))
-    out = out.with_mean(out_mean) if is_random(out) else out_mean
-    return out, centre, inv_std
+    return _affine(ctx, out, weight, bias, out_mean), centre, inv_std
