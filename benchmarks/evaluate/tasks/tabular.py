@@ -38,9 +38,10 @@ class TabularClassification(Task):
         "MC-10,000, median, where the linearised full mode is 3-44% off and the GLM, a different predictive, 68-99.8% "
         "off on the marglik posteriors): so on marglik posteriors they are as poor as MC-1000, and on the "
         "validation-tuned and IVON posteriors they are the best compiled mode, close to MC-1000; that is why they "
-        "are the default for IVON. With two classes the default link is the pairwise probit, the probit of the "
-        "logit difference: on the binary sets IVON's default is then at or below MC-1000 (ionosphere 0.270 against "
-        "0.294; the per-logit probit gave 0.341). `calibrate` reaches the MAP (scale 0) where the uncertainty does not help, and "
+        "are the default for IVON. With two classes the default link is the pairwise probit, the probit of "
+        "the logit difference: on the binary sets IVON's default is then at or below MC-1000 (ionosphere 0.270 "
+        "against 0.294; the per-logit probit gave 0.341). `calibrate` reaches the MAP (scale 0) where the "
+        "uncertainty does not help, and "
         "`calibrate(choose=True)` picks the better predictive on the validation split."
     )
 
