@@ -988,7 +988,9 @@ def settled(t: Term, mean: Tensor | None = None) -> Term | None:
             layout = layout.then(reshape_move(root, ones), tail).then(
                 expand_move(ones, (*rows, *split[:-1], dense.shape[-1])), tail)
         else:
-            variance = _term_variance(Term(t.noise, layout, jacobian))
+            before = Term(t.noise, layout, jacobian)
+            variance = _cross(before, before, jacobian.matrices[-1], full=False) if _meets_across_rows(before) \
+                else _term_variance(before)
             rest = Layout(t.after.moves[i:])
             return Term(Noise(variance), rest, None, NO_MOVES, t.scale)
     return Term(t.noise, layout, jacobian, NO_MOVES, t.scale, t.shared)
@@ -1099,9 +1101,20 @@ def _term_covariance(t: Term, mean: Tensor) -> Tensor:
     return s.unsqueeze(-1) * out * s.unsqueeze(-2)
 
 
+def _meets_across_rows(t: Term) -> bool:
+    """A matrix map over entries that rows brought into the last dim (a reduction over positions), on a root whose
+    entries there are not independent: the uses of one weight noise by every row, or copies of one entry (a bias
+    broadcast to every position, an embedding looked up twice).  Its second moments must pair the entries that
+    meet (``_cross`` of the term with itself); the plain ``J diag(v) J^T`` would take them independent."""
+    if t.jacobian is None or t.layout.rows_only:
+        return False
+    return isinstance(t.noise, WeightUse) or any(m.kind in ("expand", "embedding") for m, _ in t.layout.moves)
+
+
 def _cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor | None:
     """The covariance between two terms of one group (its diagonal unless ``full``), or None where it is not
-    tracked (a dense-covariance root, noises of different shapes, a correlation not modelled)."""
+    tracked (a dense-covariance root, noises of different shapes, a correlation not modelled).  With ``a is b``:
+    the term's own second moment, for terms that meet across rows (``_meets_across_rows``)."""
     if a.noise.row_covariance is not None or b.noise.row_covariance is not None:
         return None
     a, b = settled(a, mean), settled(b, mean)
@@ -1109,7 +1122,7 @@ def _cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor | None:
     if c is None:
         return None
     elementwise = a.jacobian is None and b.jacobian is None
-    if a.layout.key == b.layout.key:
+    if a.layout.key == b.layout.key and not (_meets_across_rows(a) or _meets_across_rows(b)):
         c = a.layout.apply(c)
         if elementwise and not full:
             return _times(_times(_numeric(a.scale, mean), _numeric(b.scale, mean)), c)
@@ -1217,8 +1230,11 @@ def _second_moments(mean: Tensor, terms: Sequence[Term], full: bool) -> Tensor |
     """Each term's (co)variance (terms that share a map pooled), plus the cross-covariances within noise groups."""
     terms = [s for s in (settled(t, mean) for t in _summed_weight_uses(list(terms), mean)) if s is not None]
     total = None
-    for a in _pooled(terms):
+    for a in _pooled([t for t in terms if not _meets_across_rows(t)]):
         part = _term_covariance(a, mean) if full else _term_variance(a)
+        total = part if total is None else total + part
+    for a in (t for t in terms if _meets_across_rows(t)):
+        part = broadcast_to(_cross(a, a, mean, full=full), (*mean.shape, mean.shape[-1]) if full else mean.shape)
         total = part if total is None else total + part
     for group in _grouped(terms):
         for i, a in enumerate(group):
