@@ -13,7 +13,7 @@ import torch
 from torch.export import ExportedProgram
 
 from ._version import __version__
-from .calibration import Calibration, bound_warning, fit_scale, predictive_nlpd
+from .calibration import Calibration, bound_warning, fit_scale, pointwise_nlpd
 from .capture import is_sequence
 from .emit import emit_onnx
 from .errors import InputError, MomentpropError
@@ -115,7 +115,8 @@ class CompiledModel:
         ``data``: a DataLoader (or any iterable) of ``(*inputs, labels)`` batches, or one ``(X, y)`` pair.
         Latent moments are computed once; the scale is then searched from 0 (the MAP: the uncertainty does not
         help on this data) and on a log grid over ``bounds``, refined by golden section.  The current scale is kept
-        unless another one has a lower NLPD on ``data``.  Where the best scale is at a bound, a warning says so
+        unless another one has a lower NLPD on ``data`` by more than one standard error of the per-point
+        difference (``cm.calibration.declined`` then records the scale not taken).  Where the best scale is at a bound, a warning says so
         and what to try; ``cm.calibration`` records the result (also in the model card).
 
         ``choose=True`` also picks, by the same validation NLPD, among the predictives and activation rules
@@ -152,10 +153,10 @@ class CompiledModel:
     def _fitted(self, data, bounds: tuple[float, float]) -> Calibration:
         means, variances, labels = self._latent_moments(data)
 
-        def nlpd(scale: float) -> float:
-            return predictive_nlpd(means, variances * scale, labels, self.info.options)
+        def pointwise(scale: float) -> torch.Tensor:
+            return pointwise_nlpd(means, variances * scale, labels, self.info.options)
 
-        return fit_scale(nlpd, self.variance_scale, bounds)
+        return fit_scale(pointwise, self.variance_scale, bounds)
 
     def _variants(self) -> list["CompiledModel"]:
         """This model and its recompilations with the other predictives and activation rules the posterior

@@ -291,3 +291,24 @@ def test_calibration_chooses_among_the_predictives_by_validation_nlpd(tmp_path):
     cm.save(tmp_path / "m.mp")
     with pytest.raises(mp.InputError, match="recompiles"):
         mp.load(tmp_path / "m.mp").calibrate((x, y), choose=True)
+
+
+def test_calibration_takes_a_scale_only_when_its_gain_exceeds_the_noise():
+    """``fit_scale`` on a synthetic per-point NLPD: a gain of 0.05 at every point is taken; a mean gain of 0.05 made
+    of +-1 swings on 20 points (standard error about 0.22) is declined and recorded."""
+    from momentprop.calibration import fit_scale
+
+    swings = torch.tensor([1.0, -1.0] * 10) + 0.05
+
+    def consistent(scale: float) -> torch.Tensor:
+        return torch.full((20,), 1.0) - 0.05 * float(abs(scale - 2.0) < 0.5)
+
+    def noisy(scale: float) -> torch.Tensor:
+        return torch.full((20,), 1.0) - swings * float(abs(scale - 2.0) < 0.5)
+
+    taken = fit_scale(consistent, 1.0, (1e-2, 1e2))
+    assert abs(taken.scale - 2.0) < 0.5 and taken.declined is None
+    declined = fit_scale(noisy, 1.0, (1e-2, 1e2))
+    assert declined.scale == 1.0 and declined.nlpd == pytest.approx(1.0)
+    assert abs(declined.declined["scale"] - 2.0) < 0.5
+    assert declined.declined["standard_error"] == pytest.approx(float(swings.std()) / 20 ** 0.5)
