@@ -163,13 +163,16 @@ def upsample_linear(ctx: RuleContext, x: Moment, output_size, align_corners, sca
 def _reduced(x: Moment, dims, keepdim: bool, mean: Tensor, weight: float) -> Moment:
     ndim = x.mean.dim()
     dims = sorted({d % ndim for d in (range(ndim) if dims is None or len(dims) == 0 else dims)})
+    if len(dims) > 1 and dims == list(range(ndim - len(dims), ndim)):  # trailing dims (global pooling): one map
+        lead = x.mean.shape[:ndim - len(dims)]
+        flat = x.mean.reshape(*lead, -1)
+        x, dims = x.moved(flat, reshape_move(x.mean.shape, flat.shape)), [len(lead)]
     out = x
     for d in dims:
         n = x.mean.shape[d]
         out = along(out, d, torch.full((1, n), weight if weight else 1.0 / n, dtype=x.mean.dtype,
                                        device=x.mean.device))
-    kept = out.mean
-    return out.moved(mean, reshape_move(kept.shape, mean.shape)) if not keepdim else out.with_mean(mean)
+    return out.moved(mean, reshape_move(out.mean.shape, mean.shape))
 
 
 @register(aten.sum.dim_IntList, whole=True)

@@ -403,6 +403,7 @@ TABLE: list[OpInfo] = [
     spatial(aten.upsample_trilinear3d.vec, lambda s, t: F.interpolate(t, scale_factor=2, mode="trilinear"), dims=3),
     spatial(aten.mean.dim, lambda s, t: t.mean((2, 3))),
     spatial(aten.mean.dim, lambda s, t: t.mean(1, keepdim=True), name="channels_keepdim"),
+    spatial(aten.mean.dim, lambda s, t: t.mean((-2, -1), keepdim=True), name="global_pool_keepdim", oracles=ALL),
     spatial(aten.sum.dim_IntList, lambda s, t: t.sum(-2)),
     spatial(aten.constant_pad_nd.default, lambda s, t: F.pad(t, (1, 2, 0, -1))),
     spatial(aten.constant_pad_nd.default, lambda s, t: F.pad(t, (1, 1, 1, 1), value=0.5), name="value"),
