@@ -272,7 +272,9 @@ def max_pool_with_indices(ctx: RuleContext, x: Moment, kernel_size, stride=(), p
 def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, transposed, output_padding,
                 groups) -> Moment:
     """``conv(x, W) + b``: the paper's linear-layer rule per output location, as convolutions:
-    ``Var = conv(m^2, S) + conv(v, M^2) + conv(v, S) + s_b`` (glm: without ``conv(v, S)``); see the module."""
+    ``Var = conv(m^2, S) + conv(v, M^2) + conv(v, S) + s_b`` (glm: without ``conv(v, S)``); see the module.  With
+    both the input and the weight random (and no groups) the two convolutions are one, over the stacked channels:
+    ``conv([v, m^2 + v], [M^2, S])``."""
 
     def conv(inputs: Tensor, kernel: Tensor, b: Tensor | None = None) -> Tensor:
         return aten.convolution.default(inputs, kernel, b, stride, padding, dilation, transposed, output_padding,
@@ -280,16 +282,23 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
 
     x_mean, w_mean = mean_of(x), mean_of(weight)
     mean = conv(x_mean, w_mean, mean_of(bias))
-    var = None
+    inputs, kernels = [], []  # the variance is the sum of conv(input, kernel) over these pairs
     x_var = x.variance() if is_random(x) else None
     if x_var is not None:
-        var = conv(x_var, w_mean * w_mean)
+        inputs.append(x_var)
+        kernels.append(w_mean * w_mean)
     if is_random(weight):
         second = x_mean * x_mean
         if x_var is not None and not ctx.first_order:
             second = second + x_var
-        part = conv(second, weight.variance())
-        var = part if var is None else var + part
+        inputs.append(second)
+        kernels.append(weight.variance())
+    if len(inputs) == 2 and groups == 1:  # one convolution over the stacked input channels
+        var = conv(torch.cat(inputs, 1), torch.cat(kernels, 0 if transposed else 1))
+    else:
+        var = None
+        for i, k in zip(inputs, kernels):
+            var = conv(i, k) if var is None else var + conv(i, k)
     terms = [] if var is None else [Term(Noise(var))]
     if is_random(bias):
         column = _per_channel(bias, mean.dim())
