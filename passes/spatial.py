@@ -33,7 +33,8 @@ from torch import Tensor
 
 from .elementwise import add, mul
 from .moment import (
-    Moment, Noise, Term, expand_move, is_random, mean_of, merged, pad_move, permute_move, reshape_move, slice_move,
+    Layout, Moment, Noise, Term, _numeric, broadcast_to, expand_move, is_random, mean_of, merged, pad_move,
+    permute_move, reshape_move, same_shape, slice_move,
 )
 from .normalisation import _normalised_moment, _per_channel
 from .registry import RuleContext, register
@@ -160,9 +161,37 @@ def upsample_linear(ctx: RuleContext, x: Moment, output_size, align_corners, sca
                       scale_factors)
 
 
+def _without_copies(t: Term, dims: list[int]) -> Layout | None:
+    """The layout of an elementwise term whose entries are copies of one noise entry along ``dims`` (its last move
+    is an expand that makes them: a per-channel parameter broadcast over the positions), without those copies;
+    None for any other term."""
+    if t.jacobian is not None or not t.layout.moves or t.layout.moves[-1][0].kind != "expand":
+        return None
+    shape_out, shape_in = t.layout.moves[-1][0].args
+    lead = len(shape_out) - len(shape_in)
+    if not all(d < lead or shape_in[d - lead] == 1 for d in dims):
+        return None
+    kept = tuple(1 if d in dims else size for d, size in enumerate(shape_out))
+    prefix = Layout(t.layout.moves[:-1])
+    padded = (1,) * lead + tuple(shape_in)
+    if not same_shape(padded, shape_in):
+        prefix = prefix.then(reshape_move(shape_in, padded))
+    return prefix if same_shape(padded, kept) else prefix.then(expand_move(padded, kept))
+
+
 def _reduced(x: Moment, dims, keepdim: bool, mean: Tensor, weight: float) -> Moment:
     ndim = x.mean.dim()
     dims = sorted({d % ndim for d in (range(ndim) if dims is None or len(dims) == 0 else dims)})
+    copies = [(t, layout) for t in x.terms if (layout := _without_copies(t, dims)) is not None]
+    if copies:  # the sum of copies of one entry is that entry times the sum of their scales (no map over copies)
+        reduce = (lambda t: t.sum(dims, keepdim=True)) if weight else (lambda t: t.mean(dims, keepdim=True))
+        kept_mean = reduce(x.mean) * (weight or 1.0)
+        pooled = [Term(t.noise, layout, scale=reduce(broadcast_to(_numeric(t.scale, x.mean) * torch.ones_like(
+            x.mean), x.mean.shape)) * (weight or 1.0)) for t, layout in copies]
+        others = [t for t in x.terms if all(t is not c for c, _ in copies)]
+        rest = _reduced(Moment(x.mean, tuple(others)), dims, True, kept_mean, weight) if others else kept_mean
+        total = merged(kept_mean, [*pooled, *(rest.terms if is_random(rest) else ())])
+        return total.moved(mean, reshape_move(kept_mean.shape, mean.shape))
     if len(dims) > 1 and dims == list(range(ndim - len(dims), ndim)):  # trailing dims (global pooling): one map
         lead = x.mean.shape[:ndim - len(dims)]
         flat = x.mean.reshape(*lead, -1)
