@@ -397,9 +397,16 @@ class Layout:
         return Layout(tuple(moves + cuts))
 
     def apply(self, t: Tensor) -> Tensor:
+        padding: dict[int, list] = {}  # consecutive pads (of different dims, or adding up on one) as one pad
         for move, tail in self.moves:
+            if move.kind == "pad":
+                dim, before, after, _ = move.args
+                total = padding.setdefault(dim % t.dim(), [0, 0])
+                total[0], total[1] = total[0] + before, total[1] + after
+                continue
+            t = _padded(t, padding)
             t = move.apply(t, tail)
-        return t
+        return _padded(t, padding)
 
     @property
     def key(self) -> tuple:
@@ -414,6 +421,17 @@ class Layout:
 
 
 NO_MOVES = Layout()
+
+
+def _padded(t: Tensor, padding: dict[int, list]) -> Tensor:
+    """``t`` zero-padded by ``{dim: [before, after]}`` in one op; empties ``padding``."""
+    if not padding:
+        return t
+    spec: list = []
+    for dim in range(t.dim() - 1, min(padding) - 1, -1):
+        spec += padding.get(dim, [0, 0])
+    padding.clear()
+    return F.pad(t, spec)
 
 
 # ---------------------------------------------------------------------------------------------------------------
