@@ -116,8 +116,8 @@ class CompiledModel:
         Latent moments are computed once; the scale is then searched from 0 (the MAP: the uncertainty does not
         help on this data) and on a log grid over ``bounds``, refined by golden section.  The current scale is kept
         unless another one has a lower NLPD on ``data`` by more than one standard error of the per-point
-        difference (``cm.calibration.declined`` then records the scale not taken).  Where the best scale is at a bound, a warning says so
-        and what to try; ``cm.calibration`` records the result (also in the model card).
+        difference (``cm.calibration.declined`` then records the scale not taken).  Where the best scale is at a
+        bound, a warning says so and what to try; ``cm.calibration`` records the result (also in the model card).
 
         ``choose=True`` also picks, by the same validation NLPD, among the predictives and activation rules
         available for the posterior (``"glm"``; ``"suq"`` linearised; ``"suq"`` moment-matched), each with its
