@@ -154,6 +154,7 @@ def test_dnn_to_bnn_model_compiles_to_the_original_network():
     assert (var > 0).all()
 
 
+@pytest.mark.slow
 def test_a_bayesian_torch_convolution_has_the_monte_carlo_variance_of_its_posterior():
     """One mean-field conv layer on a fixed input: every output's variance is exact in the diagonal rule
     (``conv(x^2, sigma_w^2) + sigma_b^2``); the oracle samples the layer's kernel and bias and convolves."""

@@ -19,7 +19,7 @@ from oracles import cnn_input, make_cnn, random_posterior
 ARCHITECTURES = ["lenet", "resnet", "unet", "mobile", "conv1d"]
 
 
-@pytest.mark.parametrize("covariance", ["diag", "full"])
+@pytest.mark.parametrize("covariance", ["diag", pytest.param("full", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_every_weight_random_compiles_with_the_plain_mean_and_runs_in_onnx_runtime(tmp_path, name, covariance):
     model = make_cnn(name)
