@@ -399,10 +399,11 @@ def per_sample_ggn_backend():
 
 def fit_laplace_subset(model: nn.Module, split: Split, likelihood: str, structure: str, sigma: float | None = None,
                        tune_points: int = 1000, seed: int = 0, tune_samples: int = 100,
-                       grid: tuple[float, ...] = PRIOR_GRID) -> Posterior:
+                       grid: tuple[float, ...] = PRIOR_GRID, tuning: str = "validation") -> Posterior:
     """``fit_laplace`` for a model whose deterministic parameters have requires_grad=False: laplace-torch over the
     random parameters, GGN with :func:`per_sample_ggn_backend` (``structure`` diag), fitted on the whole training
-    set; the prior precision tuned on validation data by :func:`tune_prior_precision`, as ``fit_laplace`` does."""
+    set; the prior precision tuned as ``fit_laplace`` does (on validation data by :func:`tune_prior_precision`, or
+    by marginal likelihood with ``tuning="marglik"``)."""
     import laplace
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -410,8 +411,12 @@ def fit_laplace_subset(model: nn.Module, split: Split, likelihood: str, structur
     la = laplace.Laplace(model, likelihood, subset_of_weights="all", hessian_structure=structure,
                          backend=per_sample_ggn_backend(), **kwargs)
     la.fit(DataLoader(TensorDataset(split.x_train, split.y_train), batch_size=256))
-    post = Posterior(f"laplace-{structure}", model, likelihood, la, la, sigma_noise=sigma)
-    if grid:
+    name = f"laplace-{structure}" + ("-marglik" if tuning == "marglik" else "")
+    post = Posterior(name, model, likelihood, la, la, sigma_noise=sigma)
+    if tuning == "marglik":
+        la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar")
+        post.prior_precision = float(la.prior_precision.reshape(-1)[0])
+    elif grid:
         tune_prior_precision(post, split.x_val[:tune_points], split.y_val[:tune_points], grid, tune_samples, seed)
     return post
 
