@@ -15,32 +15,26 @@ model)::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import warnings
-from typing import Mapping, Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ._version import __version__
-from .capture import capture, normalise_example_inputs
-from .emit import quiet_torch
-from .convert import convert
 from .errors import (
     CalibrationError, CaptureError, InputError, MomentpropError, PersistenceError, PosteriorError, ProviderError,
     UnsupportedOpError,
 )
-from .meanfield import deterministic_meanfield
-from .onnx_runner import OnnxRunner, predict_onnx
-from .options import (
-    AUTOMATIC, CompiledInfo, Options, default_activations, default_covariance, default_link, default_predictive,
-)
-from .persist import load_posterior, save_posterior
-from .laplace import is_laplace
-from .posterior import couples_layers, is_ivon, likelihood_of, read_posterior
-from .prepass import has_attention, output_shape
-from .rewrite import MomentInterpreter, rewrite
-from .runtime import CompiledModel, load
-from .structures import Dense, FullCovariance, Kron
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .convert import convert
+    from .onnx_runner import OnnxRunner, predict_onnx
+    from .options import Options
+    from .persist import load_posterior, save_posterior
+    from .runtime import CompiledModel, load
+    from .structures import Dense, FullCovariance, Kron
 
 __all__ = [
     "CalibrationError", "CaptureError", "CompiledModel", "Dense", "FullCovariance", "InputError", "Kron",
@@ -48,6 +42,37 @@ __all__ = [
     "UnsupportedOpError", "__version__", "compile", "convert", "eager", "load", "load_posterior", "predict_onnx",
     "save_posterior",
 ]
+
+# Imported on first use: the compiler's names import torch, and running an exported file (OnnxRunner, predict_onnx,
+# convert, the CLI's predict/inspect/convert) needs only onnxruntime, onnx and numpy (`pip install momentprop`);
+# onnx alone takes a second to import, numpy a quarter.
+_LAZY = {
+    "convert": "convert", "OnnxRunner": "onnx_runner", "predict_onnx": "onnx_runner",
+    "CompiledModel": "runtime", "load": "runtime", "Options": "options", "load_posterior": "persist",
+    "save_posterior": "persist", "Dense": "structures", "FullCovariance": "structures", "Kron": "structures",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'momentprop' has no attribute {name!r}")
+    value = getattr(_compiler_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def _compiler_module(name: str):
+    """``momentprop.<name>``, with a clear error where the compiler's dependencies are not installed."""
+    try:
+        return importlib.import_module(f".{name}", __name__)
+    except ImportError as exc:
+        if exc.name not in ("torch", "onnxscript", "safetensors"):
+            raise
+        raise ImportError(
+            f"momentprop's compiler needs {exc.name}, which is not installed: this is the runtime-only install, which "
+            "runs exported files (OnnxRunner, predict_onnx, convert and the CLI). Install the compiler with "
+            "pip install 'momentprop[compile]'"
+        ) from exc
 
 
 def compile(
@@ -105,6 +130,8 @@ def compile(
         predictive=predictive, activations=activations,
     )
     interpreter, program, inputs = _interpreter(model, posterior, example_inputs, keywords)
+    quiet_torch, rewrite = _compiler_module("emit").quiet_torch, _compiler_module("rewrite").rewrite
+    CompiledInfo, CompiledModel = _compiler_module("options").CompiledInfo, _compiler_module("runtime").CompiledModel
     with quiet_torch():
         moment_program = rewrite(interpreter, inputs)
     names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
@@ -130,6 +157,21 @@ def eager(
 def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: dict) -> tuple:
     """The checks, capture and posterior of :func:`compile`: (the moment interpreter, the captured program, the
     example inputs the moment graph is traced with)."""
+    _compiler_module("emit")  # the clear error where torch is missing
+    import torch
+    from torch import nn
+
+    from .capture import capture, normalise_example_inputs
+    from .emit import quiet_torch
+    from .laplace import is_laplace
+    from .meanfield import deterministic_meanfield
+    from .options import (
+        AUTOMATIC, Options, default_activations, default_covariance, default_link, default_predictive,
+    )
+    from .posterior import couples_layers, is_ivon, likelihood_of, read_posterior
+    from .prepass import has_attention, output_shape
+    from .rewrite import MomentInterpreter
+
     unknown = sorted(set(keywords) - {f.name for f in dataclasses.fields(Options)} | ({"automatic"} & set(keywords)))
     if unknown:
         raise InputError(f"unknown option(s) {unknown}; the options are those of momentprop.compile")

@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import InputError, MomentpropError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_inputs(path: str | Path, shape: Sequence[object]) -> np.ndarray:
     """An input array from .npy or .csv, with CSV rows (or a single 1-D example) reshaped to the file's input."""
+    import numpy as np
+
     path = Path(path)
     if path.suffix.lower() == ".npy":
         x = np.load(path, allow_pickle=False)
@@ -94,6 +98,8 @@ def read_inputs(path: str | Path, shape: Sequence[object]) -> np.ndarray:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    import numpy as np
+
     from .onnx_runner import OnnxRunner
 
     runner = OnnxRunner(args.file, args.provider, args.threads, nan=args.nan)
@@ -108,6 +114,17 @@ def _predict(args: argparse.Namespace) -> None:
     with np.printoptions(precision=6, suppress=False, threshold=2000, linewidth=120):
         for name, value in outputs.items():
             print(f"{name} {value.shape}:\n{value}")
+
+
+# how inspect and convert name a file's precision (its model card's "precision")
+PRECISION_LABELS = {"fp32": "fp32", "fp16": "fp16 (mean branch; variances fp32)", "int8": "int8",
+                    "int8-mean": "int8-mean (mean branch int8; variances fp32)"}
+
+
+def precision_label(path: str | Path) -> str:
+    from .onnx_runner import OnnxRunner
+
+    return PRECISION_LABELS[OnnxRunner(path).precision]
 
 
 def describe(path: str | Path) -> dict[str, object]:
@@ -141,7 +158,7 @@ def _inspect(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return
-    print(f"{info['file']}: {info['format']} format, {info['precision']}, {info['bytes']:,} bytes")
+    print(f"{info['file']}: {info['format']} format, {PRECISION_LABELS[info['precision']]}, {info['bytes']:,} bytes")
     print("model card:")
     for key, value in info["model_card"].items():
         if key != "random_parameters":
@@ -149,7 +166,8 @@ def _inspect(args: argparse.Namespace) -> None:
     for kind in ("inputs", "outputs"):
         print(f"{kind}:")
         for name, spec in info[kind].items():
-            shape = ", ".join(str(d) if isinstance(d, int) else f"{d} (dynamic)" for d in spec["shape"])
+            shape = ", ".join(str(d) if isinstance(d, int) else "batch" if i == 0 else "any"
+                              for i, d in enumerate(spec["shape"]))
             print(f"  {name}: {spec['type']} [{shape}]")
     params = info["random_parameters"]
     print(f"random parameters ({len(params)}): {', '.join(params) if params else 'none'}")
@@ -162,13 +180,12 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .convert import convert
+    from .convert import convert, is_ort_format
 
-    fmt = args.format or ("ort" if args.output.lower().endswith(".ort") else "onnx")
-    path = convert(args.file, args.output, format=fmt, precision=args.precision,
+    path = convert(args.file, args.output, format=args.format, precision=args.precision,
                    quantize_mean_only=args.quantize_mean_only)
-    kind = f"{args.precision}{' (mean branch only)' if args.quantize_mean_only else ''}"
-    print(f"wrote {path}: {fmt} format, {kind}, {path.stat().st_size:,} bytes")
+    fmt = "ort" if is_ort_format(path) else "onnx"
+    print(f"wrote {path}: {fmt} format, {precision_label(path)}, {path.stat().st_size:,} bytes")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in commands:
         try:
             commands[args.command](args)
+        except BrokenPipeError:  # `momentprop predict ... | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+            return 0
         except (MomentpropError, OSError) as exc:
             print(f"momentprop {args.command}: error: {exc}", file=sys.stderr)
             return 1

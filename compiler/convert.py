@@ -28,7 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import InputError, PersistenceError
-from .emit import CARD_PREFIX, read_model_card
+from .card import CARD_PREFIX, read_model_card
 
 FORMATS = ("onnx", "ort")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -275,16 +275,18 @@ def convert(
     source: str | os.PathLike,
     target: str | os.PathLike,
     *,
-    format: str = "onnx",
+    format: str | None = None,
     precision: str = "fp32",
     quantize_mean_only: bool = False,
 ) -> Path:
     """Convert the momentprop file ``source`` and write it to ``target``; returns ``target``.
 
-    ``format``: ``"onnx"`` or ``"ort"`` (ONNX Runtime mobile format). ``precision``: ``"fp32"``, ``"fp16"`` (mean
+    ``format``: ``"onnx"`` or ``"ort"`` (ONNX Runtime mobile format); default: ``"ort"`` for a ``.ort`` target (ONNX
+    Runtime reads a file by its suffix), else ``"onnx"``. ``precision``: ``"fp32"``, ``"fp16"`` (mean
     branch in float16, variances in float32) or ``"int8"`` (dynamic quantisation; ``quantize_mean_only`` keeps the
     variance branch in float32).
     """
+    format = format or ("ort" if str(target).lower().endswith(".ort") else "onnx")
     if format not in FORMATS:
         raise InputError(f"format must be one of {FORMATS}, got {format!r}")
     if precision not in PRECISIONS:

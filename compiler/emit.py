@@ -14,6 +14,8 @@ import onnx
 import torch
 from torch.export import ExportedProgram
 
+from .card import CARD_PREFIX
+
 
 @contextlib.contextmanager
 def quiet_torch() -> Iterator[None]:
@@ -28,21 +30,6 @@ def quiet_torch() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
-
-
-CARD_PREFIX = "momentprop."  # the model card's keys in the ONNX metadata
-
-
-def read_model_card(metadata: dict[str, str]) -> dict[str, object]:
-    """The ``momentprop.*`` entries of an ONNX file's metadata, without the prefix, JSON values decoded."""
-    card: dict[str, object] = {}
-    for key, value in metadata.items():
-        if key.startswith(CARD_PREFIX):
-            try:
-                card[key[len(CARD_PREFIX):]] = json.loads(value)
-            except ValueError:
-                card[key[len(CARD_PREFIX):]] = value
-    return card
 
 
 def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:

@@ -1,21 +1,29 @@
-"""The input dtype rule shared by the compiled model and the ONNX runner."""
+"""The input dtype rule shared by the compiled model and the ONNX runner (torch-free: the runtime-only install
+runs it)."""
 
 from __future__ import annotations
 
-import torch
+import sys
+from typing import Any
 
 from .errors import InputError
 
 
-def dtype_kind(dtype: torch.dtype) -> str:
+def dtype_kind(dtype: Any) -> str:
     """numpy's kind letter of a torch dtype: "f" float, "c" complex, "b" bool, "u"/"i" integer."""
     if dtype.is_floating_point:
         return "f"
     if dtype.is_complex:
         return "c"
-    if dtype == torch.bool:
+    if str(dtype) == "torch.bool":
         return "b"
-    return "u" if dtype == torch.uint8 else "i"
+    return "u" if str(dtype) == "torch.uint8" else "i"
+
+
+def is_torch_tensor(x: object) -> bool:
+    """Whether ``x`` is a torch tensor, without importing torch (where torch is not imported, nothing is one)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def check_input_dtype(what: str, got: str, got_kind: str, want: str, want_kind: str, expected_by: str) -> None:

@@ -1,17 +1,18 @@
-"""Running an exported moment graph with ONNX Runtime: the runner, its providers and the input dtype rule."""
+"""Running an exported moment graph with ONNX Runtime: the runner, its providers and the input dtype rule.  Needs
+onnxruntime and numpy only; torch tensors are taken where torch is installed."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from .emit import CARD_PREFIX, read_model_card
+from .card import CARD_PREFIX, read_model_card
 from .errors import InputError, PersistenceError, ProviderError
-from .inputs import check_input_dtype, dtype_kind
+from .inputs import check_input_dtype, dtype_kind, is_torch_tensor
 
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -125,11 +126,11 @@ class OnnxRunner:
         """"fp32", or the precision ``momentprop convert`` gave the file ("fp16", "int8", "int8-mean")."""
         return str(self.model_card.get("precision", "fp32"))
 
-    def _check(self, index: int, x) -> np.ndarray | torch.Tensor:
+    def _check(self, index: int, x) -> np.ndarray:
         """One input, checked against the file's input ``index`` and cast to its dtype (CUDA tensors stay)."""
         spec = self.inputs[index]
         want = np.dtype(_DTYPES.get(spec.type, np.float32))
-        if not isinstance(x, torch.Tensor):
+        if not is_torch_tensor(x):
             x = np.asarray(x)
         expected = [d if isinstance(d, int) else None for d in spec.shape]
         if len(x.shape) != len(expected) or any(
@@ -138,20 +139,20 @@ class OnnxRunner:
             shown = ", ".join("batch" if i == 0 and e is None else "any" if e is None else str(e)
                               for i, e in enumerate(expected))
             raise InputError(f"input '{spec.name}' has shape {tuple(x.shape)}; the file expects ({shown})")
-        on_gpu = isinstance(x, torch.Tensor) and x.is_cuda and self.io_binding
-        if isinstance(x, torch.Tensor) and not on_gpu:
+        on_gpu = is_torch_tensor(x) and x.is_cuda and self.io_binding
+        if is_torch_tensor(x) and not on_gpu:
             x = x.detach().cpu().numpy()
         kind = dtype_kind(x.dtype) if on_gpu else np.asarray(x).dtype.kind
         check_input_dtype(f"input '{spec.name}'", str(x.dtype), kind, f"{want.name} ({spec.type})", want.kind,
                           "the file expects")
         if self.nan == "raise" and kind == "f" and x.shape[0]:
-            finite = (torch.isfinite(x) if on_gpu else np.isfinite(x)).reshape(len(x), -1).all(-1)
+            finite = (x.isfinite() if on_gpu else np.isfinite(x)).reshape(len(x), -1).all(-1)
             if not bool(finite.all()):
                 rows = np.flatnonzero(~np.asarray(finite.cpu() if on_gpu else finite))
                 raise InputError(f"input '{spec.name}' holds NaN or infinite values in rows {rows[:20].tolist()}; "
                                  "clean the data, or use nan='propagate' (those rows then get NaN outputs)")
         if on_gpu:
-            return x.detach().to(getattr(torch, want.name)).contiguous()
+            return x.detach().to(getattr(sys.modules["torch"], want.name)).contiguous()
         return np.ascontiguousarray(x, dtype=want)
 
     def __call__(self, *inputs) -> dict[str, np.ndarray]:
@@ -163,7 +164,7 @@ class OnnxRunner:
         device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         binding = self.session.io_binding()
         for name, x in feeds.items():
-            if isinstance(x, torch.Tensor):  # already on the GPU: bind its memory, no copy
+            if is_torch_tensor(x):  # already on the GPU: bind its memory, no copy
                 binding.bind_input(name, "cuda", x.device.index or 0, getattr(np, str(x.dtype).split(".")[-1]),
                                    tuple(x.shape), x.data_ptr())
             else:

@@ -69,7 +69,9 @@ def test_inspect(exported, tmp_path, capsys):
 def test_convert_then_predict(exported, tmp_path, capsys):
     target = tmp_path / "small.ort"
     assert main(["convert", str(exported), "-o", str(target), "--precision", "int8", "--quantize-mean-only"]) == 0
-    assert "ort format, int8 (mean branch only)" in capsys.readouterr().out
+    assert "ort format, int8-mean (mean branch int8; variances fp32)" in capsys.readouterr().out
+    assert main(["inspect", str(target)]) == 0
+    assert "ort format, int8-mean (mean branch int8; variances fp32)" in capsys.readouterr().out
     np.save(tmp_path / "x.npy", X)
     assert main(["predict", str(target), str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.npz")]) == 0
     out, ref = np.load(tmp_path / "o.npz"), expected(exported)

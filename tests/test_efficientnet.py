@@ -13,6 +13,7 @@ import torch
 import momentprop as mp
 from benchmarks.efficientnet import LAST_STAGE, fashion_images, fit_head, last_layer_laplace, lite0, variance_posterior
 from benchmarks.evaluate.data import fashion_mnist_available
+from momentprop.capture import capture
 from momentprop.convert import convert
 
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST not installed (scripts/setup)")
@@ -33,7 +34,7 @@ def fitted():
 def test_the_captured_graph_is_efficientnet_lite0():
     """The op histogram the issue names: 49 convolutions, 49 batch norms, ReLU6, padding, one mean, one linear
     layer (``addmm`` in torch.export's default decomposition; capture keeps it whole as ``linear``)."""
-    graph = mp.capture(lite0(), (torch.randn(2, 3, SIZE, SIZE),)).graph
+    graph = capture(lite0(), (torch.randn(2, 3, SIZE, SIZE),)).graph
     ops = collections.Counter(str(n.target) for n in graph.nodes if n.op == "call_function")
     assert ops["aten.convolution.default"] == 49
     assert ops["aten._native_batch_norm_legit_no_training.default"] == 49

@@ -210,11 +210,22 @@ def fit_laplace(model: nn.Module, split: Split, likelihood: str, structure: str,
                          backend=BackPackGGN, **kwargs)
     la.fit(DataLoader(TensorDataset(split.x_train, split.y_train), batch_size=256))
     use_plain_jacobians(la, plain)
-    name = f"laplace-{structure}" + ("-marglik" if tuning == "marglik" else "")
-    post = Posterior(name, model, likelihood, la, la, sigma_noise=sigma, plain_model=plain)
+    post = Posterior(laplace_name(structure, tuning), model, likelihood, la, la, sigma_noise=sigma, plain_model=plain)
+    return tune(post, split, tuning, tune_points, grid, tune_samples, seed)
+
+
+def laplace_name(structure: str, tuning: str) -> str:
+    """``laplace-<structure>``, with ``-marglik`` when the prior precision is tuned by marginal likelihood."""
+    return f"laplace-{structure}" + ("-marglik" if tuning == "marglik" else "")
+
+
+def tune(post: Posterior, split: Split, tuning: str, tune_points: int, grid: tuple[float, ...], tune_samples: int,
+         seed: int) -> Posterior:
+    """The scalar prior precision of ``post.laplace``: laplace-torch's ``optimize_prior_precision(method="marglik")``
+    for ``tuning="marglik"``, else :func:`tune_prior_precision` on the first ``tune_points`` validation points."""
     if tuning == "marglik":
-        la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar")
-        post.prior_precision = float(la.prior_precision.reshape(-1)[0])
+        post.laplace.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar")
+        post.prior_precision = float(post.laplace.prior_precision.reshape(-1)[0])
     elif grid:
         tune_prior_precision(post, split.x_val[:tune_points], split.y_val[:tune_points], grid, tune_samples, seed)
     return post
@@ -327,7 +338,7 @@ class TokenPoints(nn.Module):
 
 def fit_laplace_tokens(model: nn.Module, split: Split, likelihood: str, structure: str, sigma: float | None = None,
                        tune_points: int = 8, seed: int = 0, fit_tokens: int = 2048, tune_samples: int = 30,
-                       grid: tuple[float, ...] = PRIOR_GRID) -> Posterior:
+                       grid: tuple[float, ...] = PRIOR_GRID, tuning: str = "validation") -> Posterior:
     """laplace-torch ``DiagLaplace`` over the random parameters of a sequence model.
 
     The curvature is laplace-torch's ``CurvlinopsEF`` backend (per-example gradients, ``torch.func``) on
@@ -338,7 +349,7 @@ def fit_laplace_tokens(model: nn.Module, split: Split, likelihood: str, structur
     precision is curvature / temperature + prior precision).  laplace-torch's exact GGN (``CurvlinopsGGN``, and
     ``stochastic=True`` too) materialises every point's Jacobian (outputs x parameters: the vocabulary times
     all random parameters), and BackPACK has no extension for transformers' ``Conv1D`` or attention, so neither
-    fits here.  Prior precision: tuned on the first ``tune_points`` validation sequences as ``fit_laplace`` does."""
+    fits here.  Prior precision: tuned as ``fit_laplace`` does (:func:`tune`)."""
     import laplace
     from laplace.curvature import CurvlinopsEF
     from torch.utils.data import DataLoader, TensorDataset
@@ -356,11 +367,9 @@ def fit_laplace_tokens(model: nn.Module, split: Split, likelihood: str, structur
     la = laplace.Laplace(wrapped, "classification", subset_of_weights="all", hessian_structure="diag",
                          backend=CurvlinopsEF, temperature=fit_tokens / split.y_train.numel())
     la.fit(DataLoader(TensorDataset(points, sampled), batch_size=128))
-    post = Posterior("laplace-diag", model, likelihood, la, la)
+    post = Posterior(laplace_name(structure, tuning), model, likelihood, la, la)
     post.laplace_input = token_points  # type: ignore[attr-defined]  (how laplace-torch's GLM sees test sequences)
-    if grid:
-        tune_prior_precision(post, split.x_val[:tune_points], split.y_val[:tune_points], grid, tune_samples, seed)
-    return post
+    return tune(post, split, tuning, tune_points, grid, tune_samples, seed)
 
 
 def ivon_posterior_tokens(model: nn.Module, optimizer, likelihood: str, x_example: torch.Tensor,
@@ -411,14 +420,8 @@ def fit_laplace_subset(model: nn.Module, split: Split, likelihood: str, structur
     la = laplace.Laplace(model, likelihood, subset_of_weights="all", hessian_structure=structure,
                          backend=per_sample_ggn_backend(), **kwargs)
     la.fit(DataLoader(TensorDataset(split.x_train, split.y_train), batch_size=256))
-    name = f"laplace-{structure}" + ("-marglik" if tuning == "marglik" else "")
-    post = Posterior(name, model, likelihood, la, la, sigma_noise=sigma)
-    if tuning == "marglik":
-        la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar")
-        post.prior_precision = float(la.prior_precision.reshape(-1)[0])
-    elif grid:
-        tune_prior_precision(post, split.x_val[:tune_points], split.y_val[:tune_points], grid, tune_samples, seed)
-    return post
+    post = Posterior(laplace_name(structure, tuning), model, likelihood, la, la, sigma_noise=sigma)
+    return tune(post, split, tuning, tune_points, grid, tune_samples, seed)
 
 
 def ivon_posterior_subset(model: nn.Module, optimizer, likelihood: str, x_example: torch.Tensor,

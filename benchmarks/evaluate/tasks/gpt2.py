@@ -85,7 +85,9 @@ class GPT2Shakespeare(Task):
         "when some parameters are frozen (\"If some grad are switched off, the BackPACK and Asdfghjkl backends are "
         "not supported\"). Kronecker: not run (the issue asks it for the MLP tasks). Prior precision: the "
         "grid 1e-2..1e6 (one value per decade) by the validation NLPD of 30 laplace-torch samples on 8 validation "
-        f"windows. **IVON:** {IVON_STEPS[False]} steps from the MAP network over the random parameters only "
+        f"windows; the `-marglik` rows by laplace-torch's `optimize_prior_precision(method='marglik')` on the same "
+        "temperature-scaled curvature. "
+        f"**IVON:** {IVON_STEPS[False]} steps from the MAP network over the random parameters only "
         f"(ess = training tokens, lr {IVON_SETTINGS['lr']}, beta2 {IVON_SETTINGS['beta2']}, hess_init "
         f"{IVON_SETTINGS['hess_init']}, weight decay {IVON_SETTINGS['weight_decay']}). Compiled: attention "
         "`paper` (queries and keys at their means); `calibrate` on 16 validation windows. Monte Carlo: a loop of "
@@ -142,7 +144,8 @@ class GPT2Shakespeare(Task):
         fit = partial(fit_laplace_tokens, fit_tokens=FIT_TOKENS[smoke], tune_samples=30, grid=PRIOR_GRID)
         problem = Problem(
             self.name, dataset, seed, "classification", split, partial(build_gpt2, vocab.size, CONTEXT[smoke]), cfg,
-            posteriors=("laplace-diag", "ivon"), reference_points=1, reference_samples=2000 if smoke else 10_000,
+            posteriors=("laplace-diag", "ivon") if smoke else ("laplace-diag", "laplace-diag-marglik", "ivon"),
+            reference_points=1, reference_samples=2000 if smoke else 10_000,
             glm_chunk=1, tune_points=8 if not smoke else 4, train_map=train_map, train_ivon=train_ivon_from_map,
             fit_laplace=fit, ivon_posterior=ivon_posterior_tokens, mc_vectorised=False, predict_chunk=4,
             calibration_points=16 if not smoke else 8,
