@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from . import methods as M
 from .metrics import classification_metrics, gaussian_metrics, mixture_metrics, relative_error_stats
 from .posteriors import Posterior, fit_laplace, ivon_posterior, residual_sigma, train_ivon, train_map
-from .data import Split
 from .registry import Problem
 
 # the compiled predictives: the defaults for the posterior (laplace-torch: its GLM; IVON: the paper's rule), the
@@ -66,21 +65,6 @@ def _quietly(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def noise_points(s: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """Regression: the first half of the validation split, where the observation noise is fitted."""
-    half = len(s.x_val) // 2
-    return s.x_val[:half], s.y_val[:half]
-
-
-def calibration_points(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    """The validation points ``calibrate`` sees: for regression the second half (calibrating on the points whose
-    residuals set the noise would always favour adding no variance), else the first ``calibration_points``."""
-    s = problem.split
-    start = len(s.x_val) // 2 if problem.likelihood == "regression" else 0
-    end = None if problem.calibration_points is None else start + problem.calibration_points
-    return s.x_val[start:end], s.y_val[start:end]
-
-
 def fit_posteriors(problem: Problem, tick: Callable[[str], None]) -> list[Posterior]:
     """Train the MAP network (shared by the laplace-torch posteriors) and the IVON network, fit the posteriors."""
     s, lik, cfg = problem.split, problem.likelihood, problem.train
@@ -95,7 +79,7 @@ def fit_posteriors(problem: Problem, tick: Callable[[str], None]) -> list[Poster
         if name.startswith("laplace-") or (lik == "regression" and sigma is None):
             if map_model is None:
                 map_model = train_map_fn(problem.make_model(problem.seed), s, lik, cfg, problem.seed)
-                sigma = residual_sigma(map_model, *noise_points(s)) if lik == "regression" else None
+                sigma = residual_sigma(map_model, s.x_val, s.y_val) if lik == "regression" else None
         if name.startswith("laplace-"):
             structure, *tuning = name.split("-")[1:]  # laplace-kron, laplace-kron-marglik
             extra = {"tuning": tuning[0]} if tuning else {}
@@ -105,7 +89,7 @@ def fit_posteriors(problem: Problem, tick: Callable[[str], None]) -> list[Poster
             model = problem.make_model(problem.seed)
             train_sigma = max(sigma, cfg.ivon_noise_floor) if lik == "regression" else 1.0
             opt = train_ivon_fn(model, s, lik, cfg, problem.seed, sigma=train_sigma)
-            ivon_sigma = residual_sigma(model, *noise_points(s)) if lik == "regression" else None
+            ivon_sigma = residual_sigma(model, s.x_val, s.y_val) if lik == "regression" else None
             post = ivon_posterior_fn(model, opt, lik, s.x_train, ivon_sigma)
         else:
             raise ValueError(f"unknown posterior {name!r}")
@@ -125,7 +109,7 @@ def run_problem(problem: Problem, tick: Callable[[str], None] = lambda _: None) 
     positions = int(example_out[0].numel()) // n_out  # points per input row (tokens per sequence; 1 for flat inputs)
     test_points = len(s.x_test) * positions
     x_ref = s.x_test[: problem.reference_points]
-    x_cal, y_cal = calibration_points(problem)
+    x_cal, y_cal = s.x_val[: problem.calibration_points], s.y_val[: problem.calibration_points]
     calibration = DataLoader(TensorDataset(x_cal, y_cal), batch_size=problem.predict_chunk or len(x_cal))
     for post in posteriors:
         base = dict(task=problem.task, dataset=problem.dataset, seed=problem.seed, posterior=post.name,
