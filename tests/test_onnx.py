@@ -87,3 +87,34 @@ def test_model_card_and_full_check(tmp_path):
     assert json.loads(card["momentprop.variance_scale"]) == pytest.approx(1.7)
     assert card["momentprop.version"] == mp.__version__
     assert "linearisation" in card["momentprop.method"]
+
+
+# ONNX Runtime-based servers (Triton's onnxruntime backend, KServe's ONNX runtime) load any file ONNX Runtime loads;
+# what they cannot take is a contrib or custom op domain. Opset 21 is the newest those backends' ONNX Runtime
+# releases (1.19+) all implement.
+NEWEST_SERVED_OPSET = 21
+
+
+@pytest.mark.parametrize("case", ["mlp-classification", "mlp-regression-full",
+                                  pytest.param("cnn", marks=pytest.mark.slow),
+                                  pytest.param("attention", marks=pytest.mark.slow)])
+def test_exported_graphs_use_standard_onnx_ops_only(tmp_path, case):
+    from oracles import cnn_input, make_cnn
+
+    if case == "cnn":
+        model, x, options = make_cnn("resnet"), cnn_input("resnet", 2), {}
+    elif case == "attention":
+        model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+        x, options = torch.randn(2, 5, 8), {}
+    else:
+        model, x = make_mlp([6, 16, 3], nn.Tanh), torch.randn(2, 6)
+        options = ({"likelihood": "classification"} if case == "mlp-classification" else
+                   {"likelihood": "regression", "sigma_noise": 0.1, "covariance": "full"})
+    cm = mp.compile(model, random_posterior(model, 1e-4), (x,), **options)
+    exported = onnx.load(cm.to_onnx(tmp_path / "m.onnx"))
+    assert [(o.domain, o.version) for o in exported.opset_import] == [("", exported.opset_import[0].version)]
+    assert exported.opset_import[0].version <= NEWEST_SERVED_OPSET
+    assert not exported.functions
+    for node in exported.graph.node:
+        assert node.domain in ("", "ai.onnx"), (node.op_type, node.domain)
+        onnx.defs.get_schema(node.op_type, exported.opset_import[0].version, "")  # raises for a non-standard op
