@@ -40,14 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
 
     predict = commands.add_parser(
-        "predict", help="run an exported file on inputs from a .npy or .csv file",
+        "predict", help="run an exported file on inputs from a .npy, .csv, Parquet or Arrow file",
         description="Run FILE (.onnx or .ort) with ONNX Runtime on INPUT (.npy, or .csv with one example per row, "
         "an optional header line, comma-separated) and print the outputs (mean, variance, probabilities) or save "
-        "them to an .npz file.",
+        "them to an .npz file. A Parquet or Arrow table (a file or a folder of them; needs pyarrow) is scored in "
+        "chunks with a progress bar and its output columns written to -o (.parquet, .arrow or .feather).",
     )
     predict.add_argument("file", help="a file written by cm.to_onnx or momentprop convert")
-    predict.add_argument("input", help="inputs: .npy (any shape the file takes) or .csv (one row per example)")
-    predict.add_argument("-o", "--output", help="save the outputs to this .npz file instead of printing them")
+    predict.add_argument("input", help="inputs: .npy (any shape the file takes), .csv (one row per example), or a "
+                         ".parquet/.arrow/.feather table (or a folder of them)")
+    predict.add_argument("-o", "--output", help="save the outputs to this .npz file instead of printing them (for a "
+                         "table input: the output table, .parquet/.arrow/.feather)")
+    predict.add_argument("--columns", help="table input: the feature columns, comma-separated, in the model's order "
+                         "(default: every numeric column)")
+    predict.add_argument("--keep", default="", help="table input: columns copied to the output (an id, say)")
+    predict.add_argument("--rows-per-batch", type=int, default=65_536,
+                         help="table input: rows scored at a time (default: 65536)")
+    predict.add_argument("--no-progress", action="store_true", help="table input: hide the progress bar")
     predict.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider (default: cpu)")
     predict.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)")
     predict.add_argument("--nan", default="propagate", choices=["propagate", "raise"],
@@ -100,7 +109,18 @@ def read_inputs(path: str | Path, shape: Sequence[object]) -> np.ndarray:
 def _predict(args: argparse.Namespace) -> None:
     import numpy as np
 
+    from .batch import predict_table, table_format
     from .onnx_runner import OnnxRunner
+
+    if table_format(args.input):
+        if not args.output:
+            raise InputError("a table input needs -o OUTPUT (.parquet, .arrow or .feather) for the output columns")
+        columns = args.columns.split(",") if args.columns else None
+        rows = predict_table(args.file, args.input, args.output, columns=columns,
+                             keep=[c for c in args.keep.split(",") if c], rows_per_batch=args.rows_per_batch,
+                             threads=args.threads, progress=not args.no_progress)
+        print(f"wrote {args.output}: {rows:,} rows")
+        return
 
     runner = OnnxRunner(args.file, args.provider, args.threads, nan=args.nan)
     outputs = runner(read_inputs(args.input, runner.inputs[0].shape)) if len(runner.inputs) == 1 else None

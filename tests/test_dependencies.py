@@ -35,7 +35,8 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
 
 
 # the modules `pip install momentprop` (the runtime, without the compile extra) imports
-RUNTIME_MODULES = {"__init__", "__main__", "_version", "errors", "card", "inputs", "onnx_runner", "convert", "cli"}
+RUNTIME_MODULES = {"__init__", "__main__", "_version", "errors", "card", "inputs", "onnx_runner", "convert", "cli",
+                   "batch"}
 
 
 def test_shipped_code_imports_only_declared_dependencies():
