@@ -1,5 +1,6 @@
 """Batch scoring of tables: an exported file over Parquet or Arrow data, in chunks (the CLI's ``predict`` on a
-table), and the same per-batch function for Ray Data's ``map_batches`` (one :class:`TablePredictor` per actor).
+table), and the same per-batch function for Ray Data's ``map_batches`` (one :class:`TablePredictor` per actor,
+:func:`score_with_ray`).
 
 A table's feature columns (all numeric columns, or those named) are the file's one input ``(batch, features)``; the
 outputs come back as columns named like the file's outputs: a float column where an output has one entry per row,
@@ -90,6 +91,22 @@ class TablePredictor:
             flat = value.reshape(len(value), -1)
             columns[name] = flat[:, 0] if flat.shape[1] == 1 else flat
         return columns
+
+
+def score_with_ray(path: str | os.PathLike, dataset: Any, columns: Sequence[str] | None = None,
+                   keep: Sequence[str] = (), actors: int = 2, threads_per_actor: int = 1,
+                   rows_per_batch: int = 65_536) -> Any:
+    """A Ray Data dataset scored with the exported file ``path``: ``dataset.map_batches`` over ``actors`` Ray actors,
+    each holding one :class:`TablePredictor` (one ONNX Runtime session with ``threads_per_actor`` threads); lazy, as
+    Ray Data is (write it with ``.write_parquet(folder)``, or iterate).  The actors share the dataset's blocks: read
+    it in at least ``actors`` blocks (``ray.data.read_parquet(folder, override_num_blocks=...)``).  Needs
+    ``pip install 'momentprop[ray]'``."""
+    import ray.data
+
+    return dataset.map_batches(
+        TablePredictor, fn_constructor_args=(str(path), columns, keep, threads_per_actor), batch_format="numpy",
+        batch_size=rows_per_batch, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads_per_actor,
+    )
 
 
 def _record_batches(source: str | os.PathLike, rows: int) -> tuple[int, Iterator]:

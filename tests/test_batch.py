@@ -91,3 +91,31 @@ def test_table_errors_say_what_to_do(exported, tmp_path, capsys):
         assert main(argv + ["--no-progress"]) == 1, argv
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()
+
+
+@pytest.mark.slow  # starts a local Ray cluster (about 10 s) and scores 1M rows
+def test_ray_data_scores_a_million_rows_as_one_process_does(exported, tmp_path):
+    ray = pytest.importorskip("ray")
+    from momentprop.batch import score_with_ray
+
+    rows = 1_000_000
+    x = np.random.default_rng(1).standard_normal((rows, 5)).astype(np.float32)
+    (tmp_path / "data").mkdir()
+    for i, part in enumerate(np.array_split(np.arange(rows), 4)):
+        pq.write_table(pa.table({"id": part, **{name: x[part, j] for j, name in enumerate(FEATURES)}}),
+                       tmp_path / "data" / f"part{i}.parquet")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        dataset = ray.data.read_parquet(str(tmp_path / "data"), override_num_blocks=8)
+        score_with_ray(exported, dataset, FEATURES, ["id"], actors=2).write_parquet(str(tmp_path / "out"))
+    finally:
+        ray.shutdown()
+    result = pq.read_table(tmp_path / "out")
+    assert result.num_rows == rows
+    order = np.argsort(result.column("id").to_numpy())
+    session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x})))
+    for name, value in reference.items():
+        got = np.stack(result.column(name).to_numpy(zero_copy_only=False))[order]
+        np.testing.assert_allclose(got, value, rtol=1e-6, atol=1e-7)
