@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32", help="default: fp32")
     convert.add_argument("--quantize-mean-only", action="store_true",
                          help="with --precision int8: quantise only the mean branch, keep the variances in float32")
+    convert.add_argument("--quantize-variance-only", action="store_true",
+                         help="with --precision int8: quantise only the variance branch; the mean stays float32, "
+                         "bit-exact against the float32 file")
     return parser
 
 
@@ -138,7 +141,8 @@ def _predict(args: argparse.Namespace) -> None:
 
 # how inspect and convert name a file's precision (its model card's "precision")
 PRECISION_LABELS = {"fp32": "fp32", "fp16": "fp16 (mean branch; variances fp32)", "int8": "int8",
-                    "int8-mean": "int8-mean (mean branch int8; variances fp32)"}
+                    "int8-mean": "int8-mean (mean branch int8; variances fp32)",
+                    "int8-variance": "int8-variance (variance branch int8; mean fp32)"}
 
 
 def precision_label(path: str | Path) -> str:
@@ -203,7 +207,7 @@ def _convert(args: argparse.Namespace) -> None:
     from .convert import convert, is_ort_format
 
     path = convert(args.file, args.output, format=args.format, precision=args.precision,
-                   quantize_mean_only=args.quantize_mean_only)
+                   quantize_mean_only=args.quantize_mean_only, quantize_variance_only=args.quantize_variance_only)
     fmt = "ort" if is_ort_format(path) else "onnx"
     print(f"wrote {path}: {fmt} format, {precision_label(path)}, {path.stat().st_size:,} bytes")
 

@@ -6,7 +6,8 @@
   stay non-negative and finite.
 - ``precision="int8"``: dynamic quantisation (``onnxruntime.quantization.quantize_dynamic``: int8 weights,
   activations quantised per call) of the matrix products with constant weights: those of the mean and of the
-  variance branch, or with ``quantize_mean_only=True`` only those of the mean branch.
+  variance branch, or with ``quantize_mean_only=True`` only those of the mean branch, or with
+  ``quantize_variance_only=True`` only those of the variance-only branch (the mean stays float32, bit-exact).
 - ``format="ort"``: ONNX Runtime's ORT format for its mobile and minimal builds (basic graph optimisations,
   which are the same on every platform, are applied before saving).
 
@@ -233,18 +234,21 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> None:
     graph.initializer.extend(keep)
 
 
-def to_int8(model: onnx.ModelProto, mean_only: bool = False) -> onnx.ModelProto:
-    """Dynamic int8 quantisation of the matrix products with constant weights (only the mean branch's if
-    ``mean_only``)."""
+INT8_BRANCHES = ("all", "mean", "variance")
+
+
+def to_int8(model: onnx.ModelProto, branch: str = "all") -> onnx.ModelProto:
+    """Dynamic int8 quantisation of the matrix products with constant weights: all of them, or only the mean
+    branch's, or only the variance-only branch's (the mean then stays bit-exact)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     _name_nodes(model.graph)
     _gemm_to_matmul(model)
     selected = None
-    if mean_only:
-        mean = branches(model)["mean"]
-        selected = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name in mean]
+    if branch != "all":
+        part = branches(model)["mean" if branch == "mean" else "variance_only"]
+        selected = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name in part]
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(model, str(source))
@@ -278,19 +282,25 @@ def convert(
     format: str | None = None,
     precision: str = "fp32",
     quantize_mean_only: bool = False,
+    quantize_variance_only: bool = False,
 ) -> Path:
     """Convert the momentprop file ``source`` and write it to ``target``; returns ``target``.
 
     ``format``: ``"onnx"`` or ``"ort"`` (ONNX Runtime mobile format); default: ``"ort"`` for a ``.ort`` target (ONNX
     Runtime reads a file by its suffix), else ``"onnx"``. ``precision``: ``"fp32"``, ``"fp16"`` (mean
     branch in float16, variances in float32) or ``"int8"`` (dynamic quantisation; ``quantize_mean_only`` keeps the
-    variance branch in float32).
+    variance branch in float32, ``quantize_variance_only`` the mean branch).
     """
     format = format or ("ort" if str(target).lower().endswith(".ort") else "onnx")
     if format not in FORMATS:
         raise InputError(f"format must be one of {FORMATS}, got {format!r}")
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if quantize_mean_only and quantize_variance_only:
+        raise InputError("quantize_mean_only and quantize_variance_only exclude each other (neither: every matrix "
+                         "product in int8)")
+    if quantize_variance_only and precision != "int8":
+        raise InputError("quantize_variance_only applies to precision='int8' only")
     if quantize_mean_only and precision != "int8":
         raise InputError("quantize_mean_only applies to precision='int8' only (fp16 always keeps the variance branch "
                          "in float32)")
@@ -300,8 +310,10 @@ def convert(
     if precision == "fp16":
         model = to_fp16(model)
     elif precision == "int8":
-        model = to_int8(model, quantize_mean_only)
-    _set_card(model, "precision", "int8-mean" if quantize_mean_only else precision)
+        branch = "mean" if quantize_mean_only else "variance" if quantize_variance_only else "all"
+        model = to_int8(model, branch)
+        precision = precision if branch == "all" else f"int8-{branch}"
+    _set_card(model, "precision", precision)
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -115,3 +115,18 @@ def test_convert_errors(fp32, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"\x00\xffjunk")
     with pytest.raises(mp.PersistenceError):
         convert(tmp_path / "junk.onnx", tmp_path / "f.onnx")
+
+
+def test_int8_variance_branch_keeps_the_mean_bit_exact(fp32, tmp_path):
+    """--quantize-variance-only: the 5 variance products in int8, the 3 mean products untouched."""
+    path = convert(fp32, tmp_path / "v.onnx", precision="int8", quantize_variance_only=True)
+    out, ref = run_plain(path), run_plain(fp32)
+    np.testing.assert_array_equal(out["mean"], ref["mean"])
+    errors = relative_errors(out, ref)
+    assert errors["variance"] < 2e-2 and errors["probs"] < 5e-3, errors
+    assert (out["variance"] >= 0).all()
+    assert OnnxRunner(path).precision == "int8-variance"
+    ops = op_counts(onnx.load(str(path)))
+    assert ops["MatMulInteger"] + ops["com.microsoft::DynamicQuantizeMatMul"] == 5
+    with pytest.raises(mp.InputError, match="exclude each other"):
+        convert(fp32, tmp_path / "w.onnx", precision="int8", quantize_mean_only=True, quantize_variance_only=True)
