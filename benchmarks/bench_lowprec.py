@@ -1,4 +1,5 @@
-"""Low-precision variance branch: the fully Bayesian 784-1024-1024-10 MLP (classification, diag) at batch 256 with
+"""Low-precision variance branch: the fully Bayesian 784-1024-1024-10 MLP (classification, diag) at batch 256 (or
+EfficientNet-Lite0, every weight random, at batch 32: ``--model lite0``) with
 ONNX Runtime on CPU, plain float32 ONNX against the compiled file in float32, with every matrix product in int8
 (``momentprop convert --precision int8``) and with only the variance branch in int8
 (``--quantize-variance-only``: the mean stays float32 and bit-exact), timed side by side (interleaved, medians of
@@ -8,6 +9,7 @@ Targets for the variance-only int8 file: <= 1.8x the plain float32 model, varian
 probabilities within 0.5%.
 
     python benchmarks/bench_lowprec.py [--threads 2] [--repeats 60] [--batch 256]
+    python benchmarks/bench_lowprec.py --model lite0 --repeats 5
 """
 
 from __future__ import annotations
@@ -21,25 +23,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mlp import export_plain, interleaved, make_mlp, make_posterior, make_session, median_ms, pair_ratio
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+from bench_mlp import (  # noqa: E402
+    export_plain, interleaved, make_mlp, make_posterior, make_session, median_ms, pair_ratio,
+)
 
-import momentprop as mp
+import momentprop as mp  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=None, help="default: 256 (mlp), 32 (lite0)")
+    parser.add_argument("--model", choices=["mlp", "lite0"], default="mlp",
+                        help="lite0: EfficientNet-Lite0 at 224x224, every weight random (variance 1e-6)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = make_mlp()
-    x = torch.randn(args.batch, 784, generator=torch.Generator().manual_seed(1))
+    if args.model == "lite0":
+        from benchmarks.efficientnet import lite0, variance_posterior
+
+        model, batch = lite0(), args.batch or 32
+        posterior = variance_posterior(model, 1e-6)
+        x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    else:
+        model, batch = make_mlp(), args.batch or 256
+        posterior = make_posterior(model)
+        x = torch.randn(batch, 784, generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plain = export_plain(model, x[:4], str(tmp / "plain.onnx"))
-        cm = mp.compile(model, make_posterior(model), (x[:4],), likelihood="classification", covariance="diag")
+        cm = mp.compile(model, posterior, (x[:4],), likelihood="classification", covariance="diag")
         fp32 = cm.to_onnx(tmp / "fp32.onnx")
         files = {"fp32": fp32, "int8 (all products)": mp.convert(fp32, tmp / "int8.onnx", precision="int8"),
                  "int8 (variance branch only)": mp.convert(fp32, tmp / "int8v.onnx", precision="int8",
@@ -52,7 +67,7 @@ def main() -> None:
         calls = [(lambda s=s: s.run(None, {s.get_inputs()[0].name: feeds})) for s in sessions.values()]
         times = dict(zip(sessions, interleaved(calls, args.repeats, warmup=5)))
     reference = outputs["fp32"]
-    print(f"batch {args.batch}, {args.threads} ORT threads, {args.repeats} interleaved rounds, load average "
+    print(f"{args.model}, batch {batch}, {args.threads} ORT threads, {args.repeats} interleaved rounds, load average "
           f"{os.getloadavg()[0]:.1f}")
     print("| file | ms | ratio to plain fp32 | mean bit-exact | variance rel. error (median / max-norm) | "
           "probs max abs error |")

@@ -235,11 +235,12 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> None:
 
 
 INT8_BRANCHES = ("all", "mean", "variance")
+QUANTISED_OPS = ("MatMul", "Conv")  # with a constant weight: MatMulInteger / ConvInteger after quantize_dynamic
 
 
 def to_int8(model: onnx.ModelProto, branch: str = "all") -> onnx.ModelProto:
-    """Dynamic int8 quantisation of the matrix products with constant weights: all of them, or only the mean
-    branch's, or only the variance-only branch's (the mean then stays bit-exact)."""
+    """Dynamic int8 quantisation of the matrix products and convolutions with constant weights: all of them, or
+    only the mean branch's, or only the variance-only branch's (the mean then stays bit-exact)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -248,11 +249,11 @@ def to_int8(model: onnx.ModelProto, branch: str = "all") -> onnx.ModelProto:
     selected = None
     if branch != "all":
         part = branches(model)["mean" if branch == "mean" else "variance_only"]
-        selected = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name in part]
+        selected = [n.name for n in model.graph.node if n.op_type in QUANTISED_OPS and n.name in part]
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(model, str(source))
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTISED_OPS),
                          nodes_to_quantize=selected)
         quantised = onnx.load(str(target))
     del quantised.metadata_props[:]
