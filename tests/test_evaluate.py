@@ -34,7 +34,7 @@ TASKS = sorted(get_tasks())
 METHODS = ["map", "mc-10", "mc-100", "mc-1000", "glm", "compiled-diag", "compiled-diag+cal", "compiled-full",
            "compiled-full+cal", "compiled-default", "compiled-default+cal", "compiled-mm", "compiled-mm+cal",
            "compiled-choose"]
-LAPLACE = {"laplace-diag", "laplace-kron", "laplace-diag-marglik", "laplace-kron-marglik"}
+LAPLACE = {"laplace-diag", "laplace-kron", "laplace-diag-marglik", "laplace-kron-marglik", "laplace-last-marglik"}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,10 @@ def test_smoke_run_writes_a_complete_table(smoke_runs, name):
     for dataset in expected:
         rows = [r for r in records if r["dataset"] == dataset]
         problem_posteriors = {r["posterior"] for r in rows}
-        # every task: laplace-torch diag and IVON (the MLP tasks also Kronecker; the tabular task marglik-tuned)
-        assert {"laplace-diag", "ivon"} <= problem_posteriors <= LAPLACE | {"ivon"}
+        # every task: laplace-torch diag and IVON (the MLP tasks also Kronecker; the tabular task marglik-tuned;
+        # the CNN task only marglik-tuned, all weights and last layer)
+        diag = "laplace-diag-marglik" if name == "cnn" else "laplace-diag"
+        assert {diag, "ivon"} <= problem_posteriors <= LAPLACE | {"ivon"}
         if name == "tabular":
             assert "laplace-kron-marglik" in problem_posteriors
         for post in problem_posteriors:
@@ -111,6 +113,10 @@ def test_compiled_predictive_tracks_monte_carlo(smoke_runs, name):
     records = smoke_runs[name]["records"]
     for (dataset, post) in {(r["dataset"], r["posterior"]) for r in records}:
         by = {r["method"]: r for r in records if r["dataset"] == dataset and r["posterior"] == post}
+        if name == "cnn" and post != "laplace-last-marglik":
+            # random convolutions: every compiled mode drops the covariance a shared kernel gives the positions
+            # (passes/spatial.py); task 5's report measures how far that goes. The last-layer posterior is exact.
+            continue
         if post.endswith("-marglik"):
             # a wide posterior: the linearisation is off there (the finding); the moment-matched rule tracks MC
             mm = by["compiled-mm"]
@@ -140,7 +146,8 @@ def test_default_compiled_predictive_of_a_laplace_posterior_is_laplace_torchs_gl
         default = by["compiled-default"]
         if post in LAPLACE:
             assert default["predictive"].startswith("glm/"), default
-            if "nlpd" in by["glm"] and default["predictive"] == "glm/full/linearised":
+            exact = not (name == "cnn" and post != "laplace-last-marglik")  # random convolutions: see above
+            if "nlpd" in by["glm"] and default["predictive"] == "glm/full/linearised" and exact:
                 assert default["nlpd"] == pytest.approx(by["glm"]["nlpd"], abs=2e-3), (dataset, post)
         else:
             assert default["predictive"].startswith("suq/"), default

@@ -122,7 +122,7 @@ class CNNClassification(Task):
             raise ValueError(dataset)
         if smoke:
             split = fashion_mnist_split(seed, n_val=200, max_train=1000, max_test=40, max_ood=20)
-            cfg = TrainConfig(epochs=2, batch_size=128, ivon_epochs=2)
+            cfg = TrainConfig(epochs=10, batch_size=128, ivon_epochs=30)
         else:
             split = fashion_mnist_split(seed, n_val=VAL, max_train=TRAIN, max_test=TEST, max_ood=OOD)
             cfg = TrainConfig(epochs=EPOCHS, batch_size=128, ivon_epochs=IVON_EPOCHS)
