@@ -101,11 +101,20 @@ class CNNClassification(Task):
         f"{IVON_DEFAULTS['hess_init']}). The MC-10,000 latent-variance reference: the first {REFERENCE} test images."
     )
     findings = (
-        "Compiled modes on CNNs with random convolutions: the paper's rule at every output location, as "
-        "convolutions. It takes a random convolution's output entries independent apart from the bias, in both "
-        "covariance modes, so a sum over positions (pooling, a flatten into a linear layer) misses their correlation "
-        "through the shared kernel; full mode is exact only after the last random convolution (the `laplace-last` "
-        "rows, where it equals laplace-torch's GLM). The latent-variance columns measure how far that goes."
+        "**Random convolutions lose variance.** The paper's rule runs at every output location, as convolutions, "
+        "and takes a random convolution's output entries independent apart from the bias, in both covariance "
+        "modes; a sum over positions (pooling, the flatten into a linear layer) then misses their correlation "
+        "through the shared kernel. Measured (3 seeds): on LeNet the full mode's latent variance is 17% (diag "
+        "posterior) and 54% (Kronecker, whose kernel covariances enter as marginals only) from MC-10,000 (median); "
+        "on the ResNet, whose global average pooling sums 36 positions after the last random convolution, every "
+        "compiled mode gives about a tenth of the Monte Carlo variance (90-96% median error). The last-layer "
+        "posteriors are exact: the compiled default equals laplace-torch's GLM (Δ NLPD 0.000, latent variance 1% "
+        "from MC-10,000). **NLPD tells another story:** the marglik-tuned all-weights posteriors are wide, so "
+        "MC-1000 is far worse than the MAP (LeNet 0.95 / 1.60, ResNet 1.11, against 0.51 and 0.66); the compiled "
+        "default is at or below laplace-torch's GLM except with LeNet's Kronecker posterior (+0.018, the one "
+        "missed target), and after `calibrate` every pair is within 0.01 of the better of MAP and GLM. IVON's "
+        "default matches MC-1000 on LeNet and beats it on the ResNet (0.537 against 0.577), there because its "
+        "variance is too small rather than right."
     )
 
     def datasets(self, smoke: bool) -> list[str]:
