@@ -1,9 +1,10 @@
-"""Low-precision variance branch: the fully Bayesian 784-1024-1024-10 MLP (classification, diag) at batch 256 (or
-EfficientNet-Lite0, every weight random, at batch 32: ``--model lite0``) with
-ONNX Runtime on CPU, plain float32 ONNX against the compiled file in float32, with every matrix product in int8
-(``momentprop convert --precision int8``) and with only the variance branch in int8
-(``--quantize-variance-only``: the mean stays float32 and bit-exact), timed side by side (interleaved, medians of
-per-round ratios), with their errors against the float32 compiled file on the same inputs.
+"""Low-precision variance branch: the fully Bayesian 784-1024-1024-10 MLP (classification, diag) at batch 256, or
+EfficientNet-Lite0 with every weight random at batch 32 (``--model lite0``), with ONNX Runtime on CPU. The plain
+float32 ONNX model against the compiled file in float32, with every matrix product and convolution in int8
+(``momentprop convert --precision int8``) and with only the variance branch in int8 (``--quantize-variance-only``:
+the mean stays float32 and bit-exact). Each compiled file is timed beside the plain model (interleaved, median of
+the per-round ratios; one compiled session at a time), and its errors are measured against the float32 compiled
+file on the same inputs.
 
 Targets for the variance-only int8 file: <= 1.8x the plain float32 model, variance relative error <= 2%,
 probabilities within 0.5%.
@@ -15,6 +16,7 @@ probabilities within 0.5%.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -59,25 +61,31 @@ def main() -> None:
         files = {"fp32": fp32, "int8 (all products)": mp.convert(fp32, tmp / "int8.onnx", precision="int8"),
                  "int8 (variance branch only)": mp.convert(fp32, tmp / "int8v.onnx", precision="int8",
                                                            quantize_variance_only=True)}
-        sessions = {"plain": make_session(plain, args.threads, False)}
-        sessions.update({name: make_session(str(path), args.threads, False) for name, path in files.items()})
+        # one compiled session at a time beside the plain one (EfficientNet-Lite0's every-weight sessions hold
+        # gigabytes each at batch 32), each pair interleaved
+        plain_session = make_session(plain, args.threads, False)
         feeds = x.numpy()
-        outputs = {name: dict(zip([o.name for o in s.get_outputs()], s.run(None, {s.get_inputs()[0].name: feeds})))
-                   for name, s in sessions.items()}
-        calls = [(lambda s=s: s.run(None, {s.get_inputs()[0].name: feeds})) for s in sessions.values()]
-        times = dict(zip(sessions, interleaved(calls, args.repeats, warmup=5)))
+        run_plain = lambda: plain_session.run(None, {plain_session.get_inputs()[0].name: feeds})  # noqa: E731
+        outputs, times = {}, {}
+        for name, path in files.items():
+            session = make_session(str(path), args.threads, False)
+            run = lambda s=session: s.run(None, {s.get_inputs()[0].name: feeds})  # noqa: E731
+            outputs[name] = dict(zip([o.name for o in session.get_outputs()], run()))
+            times["plain", name], times[name] = interleaved([run_plain, run], args.repeats, warmup=2)
+            del session, run
+            gc.collect()
     reference = outputs["fp32"]
     print(f"{args.model}, batch {batch}, {args.threads} ORT threads, {args.repeats} interleaved rounds, load average "
           f"{os.getloadavg()[0]:.1f}")
     print("| file | ms | ratio to plain fp32 | mean bit-exact | variance rel. error (median / max-norm) | "
           "probs max abs error |")
     print("|---|---|---|---|---|---|")
-    print(f"| plain fp32 | {median_ms(times['plain']):.2f} | 1.00 | – | – | – |")
+    print(f"| plain fp32 | {median_ms(times['plain', 'fp32']):.2f} | 1.00 | – | – | – |")
     for name in files:
         out = outputs[name]
         relative = np.abs(out["variance"] - reference["variance"]) / np.abs(reference["variance"])
         norm = np.abs(out["variance"] - reference["variance"]).max() / np.abs(reference["variance"]).max()
-        print(f"| {name} | {median_ms(times[name]):.2f} | {pair_ratio(times[name], times['plain']):.2f} | "
+        print(f"| {name} | {median_ms(times[name]):.2f} | {pair_ratio(times[name], times['plain', name]):.2f} | "
               f"{'yes' if np.array_equal(out['mean'], reference['mean']) else 'no'} | "
               f"{np.median(relative):.2%} / {norm:.2%} | {np.abs(out['probs'] - reference['probs']).max():.2e} |")
 
