@@ -9,7 +9,7 @@ model)::
                              every op replaced by its rule from momentprop.passes, traced into the moment graph
     emit.emit_onnx           the moment graph as ONNX with a model card
     runtime.CompiledModel    cm(x), cm.predict(x), cm.to_onnx(path)
-    runtime.OnnxRunner       an exported file on ONNX Runtime (CPU or CUDA); convert.convert: ORT format, fp16, int8
+    runtime.OnnxRunner       an exported file on ONNX Runtime (CPU or CUDA); conversion.convert: ORT format, fp16, int8
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .convert import convert
+    from .conversion import convert
     from .onnx_runner import OnnxRunner, predict_onnx
     from .options import Options
     from .persist import load_posterior, save_posterior
@@ -45,9 +45,10 @@ __all__ = [
 
 # Imported on first use: the compiler's names import torch, and running an exported file (OnnxRunner, predict_onnx,
 # convert, the CLI's predict/inspect/convert) needs only onnxruntime, onnx and numpy (`pip install momentprop`);
-# onnx alone takes a second to import, numpy a quarter.
+# onnx alone takes a second to import, numpy a quarter. No module may share a public name (importing a submodule
+# sets the package attribute of its name, which would then shadow the function: `convert` lives in conversion.py).
 _LAZY = {
-    "convert": "convert", "OnnxRunner": "onnx_runner", "predict_onnx": "onnx_runner",
+    "convert": "conversion", "OnnxRunner": "onnx_runner", "predict_onnx": "onnx_runner",
     "CompiledModel": "runtime", "load": "runtime", "Options": "options", "load_posterior": "persist",
     "save_posterior": "persist", "Dense": "structures", "FullCovariance": "structures", "Kron": "structures",
 }

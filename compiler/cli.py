@@ -155,7 +155,7 @@ def describe(path: str | Path) -> dict[str, object]:
     """What ``momentprop inspect`` shows, as a dict."""
     import onnx
 
-    from .convert import branches, is_ort_format, op_counts
+    from .conversion import branches, is_ort_format, op_counts
     from .onnx_runner import OnnxRunner
 
     runner = OnnxRunner(path)
@@ -204,7 +204,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .convert import convert, is_ort_format
+    from .conversion import convert, is_ort_format
 
     path = convert(args.file, args.output, format=args.format, precision=args.precision,
                    quantize_mean_only=args.quantize_mean_only, quantize_variance_only=args.quantize_variance_only)

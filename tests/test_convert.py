@@ -13,7 +13,7 @@ import torch
 
 import momentprop as mp
 from oracles import make_mlp, random_posterior
-from momentprop.convert import branches, convert, op_counts
+from momentprop.conversion import branches, convert, op_counts
 from momentprop.onnx_runner import OnnxRunner
 
 X = np.random.default_rng(0).standard_normal((512, 16)).astype(np.float32)

@@ -35,7 +35,7 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
 
 
 # the modules `pip install momentprop` (the runtime, without the compile extra) imports
-RUNTIME_MODULES = {"__init__", "__main__", "_version", "errors", "card", "inputs", "onnx_runner", "convert", "cli",
+RUNTIME_MODULES = {"__init__", "__main__", "_version", "errors", "card", "inputs", "onnx_runner", "conversion", "cli",
                    "batch"}
 
 

@@ -14,7 +14,7 @@ import momentprop as mp
 from benchmarks.efficientnet import LAST_STAGE, fashion_images, fit_head, last_layer_laplace, lite0, variance_posterior
 from benchmarks.evaluate.data import fashion_mnist_available
 from momentprop.capture import capture
-from momentprop.convert import convert
+from momentprop.conversion import convert
 
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST not installed (scripts/setup)")
 

@@ -104,3 +104,17 @@ def test_predict_into_a_closed_pipe_exits_quietly(exported):
     process.stdout.close()
     assert process.wait(timeout=120) == 0
     assert process.stderr.read() == b""
+
+
+def test_public_names_stay_functions_after_every_submodule_is_imported():
+    """Importing ``momentprop.<name>`` sets the package attribute ``<name>``: no submodule may be named like a public
+    function, or the lazily loaded function would be shadowed by the module (``mp.convert`` once was)."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(mp.__path__):
+        if module.name != "__main__":  # runs the command line
+            importlib.import_module(f"momentprop.{module.name}")
+    for name in mp.__all__:
+        assert not isinstance(getattr(mp, name), type(mp)), name
+    assert callable(mp.convert) and callable(mp.load) and callable(mp.compile)
