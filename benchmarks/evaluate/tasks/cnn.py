@@ -130,7 +130,7 @@ class CNNClassification(Task):
         if arch not in POSTERIORS:
             raise ValueError(dataset)
         if smoke:
-            split = fashion_mnist_split(seed, n_val=200, max_train=1000, max_test=40, max_ood=20)
+            split = fashion_mnist_split(seed, n_val=200, max_train=1000, max_test=24, max_ood=12)
             cfg = TrainConfig(epochs=10, batch_size=128, ivon_epochs=30)
         else:
             split = fashion_mnist_split(seed, n_val=VAL, max_train=TRAIN, max_test=TEST, max_ood=OOD)
@@ -138,7 +138,7 @@ class CNNClassification(Task):
         return Problem(
             self.name, dataset, seed, "classification", as_images(split), partial(build_cnn, arch), cfg,
             posteriors=("laplace-diag-marglik", "laplace-last-marglik", "ivon") if smoke else POSTERIORS[arch],
-            reference_points=10 if smoke else REFERENCE, reference_samples=2000 if smoke else 10_000,
+            reference_points=6 if smoke else REFERENCE, reference_samples=2000 if smoke else 10_000,
             glm_chunk=50, tune_points=200, fit_laplace=partial(fit_cnn_laplace, arch=arch),
             ivon_posterior=ivon_posterior_subset, mc_vectorised=False,
         )
