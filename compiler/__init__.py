@@ -131,8 +131,11 @@ def compile(
         predictive=predictive, activations=activations,
     )
     interpreter, program, inputs = _interpreter(model, posterior, example_inputs, keywords)
-    quiet_torch, rewrite = _compiler_module("emit").quiet_torch, _compiler_module("rewrite").rewrite
-    CompiledInfo, CompiledModel = _compiler_module("options").CompiledInfo, _compiler_module("runtime").CompiledModel
+    from .emit import quiet_torch
+    from .options import CompiledInfo
+    from .rewrite import rewrite
+    from .runtime import CompiledModel
+
     with quiet_torch():
         moment_program = rewrite(interpreter, inputs)
     names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
