@@ -58,6 +58,8 @@ def main() -> None:
         plain = export_plain(model, x[:4], str(tmp / "plain.onnx"))
         cm = mp.compile(model, posterior, (x[:4],), likelihood="classification", covariance="diag")
         fp32 = cm.to_onnx(tmp / "fp32.onnx")
+        del cm, model  # the moment graph and the model hold gigabytes for EfficientNet-Lite0
+        gc.collect()
         files = {"fp32": fp32, "int8 (all products)": mp.convert(fp32, tmp / "int8.onnx", precision="int8"),
                  "int8 (variance branch only)": mp.convert(fp32, tmp / "int8v.onnx", precision="int8",
                                                            quantize_variance_only=True)}
