@@ -16,7 +16,9 @@ import math
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.eval]
+# one xdist worker runs the whole module: its smoke runs are a module fixture, which each worker would build anew
+# (eight minutes of every task's smoke run, twice)
+pytestmark = [pytest.mark.slow, pytest.mark.eval, pytest.mark.xdist_group("evaluate")]
 
 pytest.importorskip("laplace")
 pytest.importorskip("ivon")
