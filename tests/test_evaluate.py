@@ -16,8 +16,8 @@ import math
 import numpy as np
 import pytest
 
-# one xdist worker runs the whole module: its smoke runs are a module fixture, which each worker would build anew
-# (eight minutes of every task's smoke run, twice)
+# one xdist worker runs the whole module: its smoke runs (eight minutes of every task's smoke run) are a fixture that
+# each worker would build anew, and a module-scoped one is rebuilt when other modules' tests run in between
 pytestmark = [pytest.mark.slow, pytest.mark.eval, pytest.mark.xdist_group("evaluate")]
 
 pytest.importorskip("laplace")
@@ -39,7 +39,7 @@ METHODS = ["map", "mc-10", "mc-100", "mc-1000", "glm", "compiled-diag", "compile
 LAPLACE = {"laplace-diag", "laplace-kron", "laplace-diag-marglik", "laplace-kron-marglik", "laplace-last-marglik"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # with loadgroup, once: other modules' tests may run between this module's
 def smoke_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluate")
     return {name: cli.run_task(get_tasks()[name], smoke=True, seeds=1, out=out, progress=False) for name in TASKS}
