@@ -60,3 +60,25 @@ def test_the_runtime_install_needs_no_compiler_dependency():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert _declared(pyproject, None) == {"onnx", "onnxruntime", "numpy"}
     assert {"torch", "onnxscript", "safetensors"} <= _declared(pyproject, "compile")
+
+
+def test_xdist_loadgroup_keeps_a_group_on_one_worker(tmp_path):
+    """The suite's time rests on this: the evaluation smoke runs (a session fixture of one xdist_group) are built once.
+    pytest 9.2 with pytest-xdist 3.8 spread the group over both workers, and each built the fixture."""
+    import subprocess
+
+    (tmp_path / "test_grouped.py").write_text(
+        "import os, pytest\n"
+        "pytestmark = pytest.mark.xdist_group('one')\n"
+        "@pytest.fixture(scope='session')\n"
+        "def built():\n"
+        "    open(os.path.join(os.path.dirname(__file__), 'built_' + os.environ['PYTEST_XDIST_WORKER']), 'w').close()\n"
+        "@pytest.mark.parametrize('i', range(8))\n"
+        "def test_grouped(built, i): pass\n")
+    (tmp_path / "test_free.py").write_text(
+        "import pytest\n@pytest.mark.parametrize('i', range(8))\ndef test_free(i): pass\n")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
+                             "--dist=loadgroup", "-c", "/dev/null", "--rootdir", str(tmp_path), str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(list(tmp_path.glob("built_*"))) == 1, "an xdist_group ran on both workers: pin pytest below 9.2"
