@@ -1120,11 +1120,12 @@ def _term_covariance(t: Term, mean: Tensor) -> Tensor:
 
 
 def _meets_across_rows(t: Term) -> bool:
-    """A matrix map over entries that rows brought into the last dim (a reduction over positions), on a root whose
-    entries there are not independent: the uses of one weight noise by every row, or copies of one entry (a bias
-    broadcast to every position, an embedding looked up twice).  Its second moments must pair the entries that
-    meet (``_cross`` of the term with itself); the plain ``J diag(v) J^T`` would take them independent."""
-    if t.jacobian is None or t.layout.rows_only:
+    """A term whose last dim holds entries that are not independent: entries that rows brought into the last dim
+    (a reduction over positions) on a root of the uses of one weight noise by every row, or copies of one entry (a
+    bias broadcast to every position or along the features, an embedding looked up twice); with or without a
+    matrix map after.  Its second moments must pair the entries that meet (``_cross`` of the term with itself); the
+    plain ``J diag(v) J^T`` (or ``diag(v)``) would take them independent."""
+    if t.layout.rows_only:
         return False
     return isinstance(t.noise, WeightUse) or any(m.kind in ("expand", "embedding") for m, _ in t.layout.moves)
 
