@@ -3,7 +3,8 @@
 Two families.
 
 * **Linear maps along a dim** (``along``): reductions (``sum``, ``mean``), pooling by averaging (``avg_pool``,
-  ``adaptive_avg_pool``), resampling (nearest and bilinear ``upsample``), ``cumsum``, and ``sort``/``topk`` (the
+  ``adaptive_avg_pool``), resampling (nearest and bilinear ``upsample``), ``cumsum``, ``embedding_bag`` (over the
+  looked-up rows), and ``sort``/``topk`` (the
   permutation taken from the mean) each apply a fixed matrix along one or two dims.  The matrix is found by applying
   the op itself to an identity (so every option of the op, ``ceil_mode``, ``align_corners``, padding, is honoured
   without being re-derived), and applied as a matrix map: over the last dim every map is kept (exact); another dim
@@ -33,8 +34,8 @@ from torch import Tensor
 
 from .elementwise import add, mul
 from .moment import (
-    Layout, Moment, Noise, Term, _numeric, broadcast_to, expand_move, is_random, mean_of, merged, pad_move,
-    permute_move, reshape_move, same_shape, slice_move,
+    Layout, Moment, Noise, Term, _numeric, broadcast_to, embedding_move, expand_move, is_random, mean_of, merged,
+    pad_move, permute_move, reshape_move, same_shape, slice_move,
 )
 from .normalisation import _normalised_moment, _per_channel
 from .registry import RuleContext, register
@@ -222,6 +223,41 @@ def cumsum(ctx: RuleContext, x: Moment, dim: int, dtype=None) -> Moment:
     n = x.mean.shape[dim]
     lower = torch.tril(torch.ones(n, n, dtype=x.mean.dtype, device=x.mean.device))
     return along(x, dim, lower).with_mean(aten.cumsum.default(x.mean, dim, dtype=dtype))
+
+
+@register(aten._embedding_bag.default, whole=True)
+def embedding_bag(ctx: RuleContext, weight, indices: Tensor, offsets: Tensor, scale_grad_by_freq: bool = False,
+                  mode: int = 0, sparse: bool = False, per_sample_weights=None, include_last_offset: bool = False,
+                  padding_idx: int = -1):
+    """``nn.EmbeddingBag``: the rows of the table looked up (as ``embedding``; times ``per_sample_weights`` in sum
+    mode, a product), then a ``(bags, rows)`` matrix along the looked-up rows: ones per bag (``mode`` 0, sum), one
+    over the bag's size (1, mean; ``padding_idx`` rows left out of both; exact), or per feature the row that wins at
+    the mean (2, max; the winner taken as fixed)."""
+    weight_mean = mean_of(weight)
+    outputs = aten._embedding_bag.default(weight_mean, indices, offsets, scale_grad_by_freq, mode, sparse,
+                                          mean_of(per_sample_weights), include_last_offset, padding_idx)
+    rows_mean = aten.embedding.default(weight_mean, indices)
+    rows = weight.moved(rows_mean, embedding_move(indices)) if is_random(weight) else rows_mean
+    if per_sample_weights is not None:
+        column = per_sample_weights
+        column = (column.moved(column.mean.unsqueeze(-1), reshape_move(column.mean.shape, (*column.mean.shape, 1)))
+                  if is_random(column) else column.unsqueeze(-1))
+        rows = mul(ctx, rows, column)
+    bags, n = outputs[0].shape[0], indices.shape[0]
+    position = torch.arange(n, device=indices.device)
+    starts = offsets[:bags]
+    ends = offsets[1:bags + 1] if include_last_offset else torch.cat([offsets[1:], offsets.new_full((1,), n)])
+    member = (position >= starts.unsqueeze(1)) & (position < ends.unsqueeze(1))  # (bags, rows)
+    if padding_idx >= 0:
+        member = member & (indices != padding_idx)
+    matrix = member.to(weight_mean.dtype)
+    if mode == 1:
+        matrix = matrix / matrix.sum(1, keepdim=True).clamp_min(1.0)
+    elif mode == 2:
+        scores = torch.where(member.unsqueeze(-1), mean_of(rows).unsqueeze(0), float("-inf"))  # (bags, rows, D)
+        winners = F.one_hot(scores.argmax(1), n).to(matrix.dtype) * matrix.amax(1).reshape(bags, 1, 1)
+        matrix = winners.permute(1, 0, 2)  # (D, bags, rows): a matrix per feature
+    return (along(rows, 0, matrix).with_mean(outputs[0]), *outputs[1:])
 
 
 def _permuted_by_the_mean(x: Moment, values: Tensor, indices: Tensor, dim: int) -> Moment:
