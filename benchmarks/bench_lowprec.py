@@ -58,6 +58,7 @@ def main() -> None:
         plain = export_plain(model, x[:4], str(tmp / "plain.onnx"))
         cm = mp.compile(model, posterior, (x[:4],), likelihood="classification", covariance="diag")
         fp32 = cm.to_onnx(tmp / "fp32.onnx")
+        print("compiled and exported", flush=True)
         del cm, model  # the moment graph and the model hold gigabytes for EfficientNet-Lite0
         gc.collect()
         files = {"fp32": fp32, "int8 (all products)": mp.convert(fp32, tmp / "int8.onnx", precision="int8"),
@@ -69,8 +70,10 @@ def main() -> None:
         feeds = x.numpy()
         run_plain = lambda: plain_session.run(None, {plain_session.get_inputs()[0].name: feeds})  # noqa: E731
         outputs, times = {}, {}
+        print("converted", flush=True)
         for name, path in files.items():
             session = make_session(str(path), args.threads, False)
+            print(f"timing {name}", flush=True)
             run = lambda s=session: s.run(None, {s.get_inputs()[0].name: feeds})  # noqa: E731
             outputs[name] = dict(zip([o.name for o in session.get_outputs()], run()))
             times["plain", name], times[name] = interleaved([run_plain, run], args.repeats, warmup=2)

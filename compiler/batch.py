@@ -51,13 +51,14 @@ class TablePredictor:
         columns: the feature columns, in the file's feature order (None: every numeric column, in table order).
         keep: columns passed through to the output unchanged (an id column, say).
         threads: ONNX Runtime intra-op threads (None: its default).
+        provider, nan: as :class:`~momentprop.OnnxRunner`'s.
     """
 
     def __init__(self, path: str | os.PathLike, columns: Sequence[str] | None = None, keep: Sequence[str] = (),
-                 threads: int | None = None):
+                 threads: int | None = None, provider: str = "cpu", nan: str = "propagate"):
         from .onnx_runner import OnnxRunner
 
-        self.runner = OnnxRunner(path, threads=threads)
+        self.runner = OnnxRunner(path, provider, threads, nan=nan)
         shape = self.runner.inputs[0].shape
         if len(self.runner.inputs) != 1 or len(shape) != 2 or not isinstance(shape[1], int):
             raise InputError(f"{path}: table scoring needs a file with one input of shape (batch, features); this "
@@ -133,7 +134,8 @@ def _arrow_columns(columns: Mapping[str, np.ndarray]):
 
 def predict_table(path: str | os.PathLike, source: str | os.PathLike, target: str | os.PathLike, *,
                   columns: Sequence[str] | None = None, keep: Sequence[str] = (), rows_per_batch: int = 65_536,
-                  threads: int | None = None, progress: bool = True) -> int:
+                  threads: int | None = None, provider: str = "cpu", nan: str = "propagate",
+                  progress: bool = True) -> int:
     """Score every row of the table ``source`` (Parquet or Arrow IPC, a file or a folder) with the exported file
     ``path``, ``rows_per_batch`` rows at a time, and write the output columns (and the ``keep`` columns) to
     ``target`` (.parquet, or .arrow/.feather); returns the number of rows.  Memory stays at one chunk."""
@@ -141,7 +143,7 @@ def predict_table(path: str | os.PathLike, source: str | os.PathLike, target: st
     out_format = table_format(target) if Path(target).suffix else None
     if out_format is None:
         raise InputError(f"{target}: the output table must end in .parquet, .arrow or .feather")
-    predictor = TablePredictor(path, columns, keep, threads)
+    predictor = TablePredictor(path, columns, keep, threads, provider, nan)
     total, batches = _record_batches(source, rows_per_batch)
     bar = _progress(total, progress)
     writer, done = None, 0

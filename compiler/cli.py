@@ -121,7 +121,8 @@ def _predict(args: argparse.Namespace) -> None:
         columns = args.columns.split(",") if args.columns else None
         rows = predict_table(args.file, args.input, args.output, columns=columns,
                              keep=[c for c in args.keep.split(",") if c], rows_per_batch=args.rows_per_batch,
-                             threads=args.threads, progress=not args.no_progress)
+                             threads=args.threads, provider=args.provider, nan=args.nan,
+                             progress=not args.no_progress)
         print(f"wrote {args.output}: {rows:,} rows")
         return
 

@@ -76,6 +76,8 @@ def test_table_errors_say_what_to_do(exported, tmp_path, capsys):
     pq.write_table(t, tmp_path / "t.parquet")
     pq.write_table(t.append_column("y", pa.array(np.ones(10, np.float32))), tmp_path / "wide.parquet")
     pq.write_table(pa.table({name: np.arange(10) for name in FEATURES}), tmp_path / "ints.parquet")
+    pq.write_table(pa.table({name: np.where(np.arange(10) == 7, np.nan, 1.0) for name in FEATURES}),
+                   tmp_path / "nan.parquet")
     cases = [
         (["predict", str(exported), str(tmp_path / "t.parquet")], "needs -o OUTPUT"),
         # every numeric column by default: the id makes 6, so the error asks for --columns
@@ -86,8 +88,14 @@ def test_table_errors_say_what_to_do(exported, tmp_path, capsys):
          "not floating point"),
         (["predict", str(exported), str(tmp_path / "t.parquet"), "-o", str(tmp_path / "o.csv"), "--columns",
           ",".join(FEATURES)], "must end in .parquet"),
+        # the runner's options reach the table path
+        (["predict", str(exported), str(tmp_path / "nan.parquet"), "-o", str(tmp_path / "o.parquet"), "--nan",
+          "raise"], "rows [7]"),
+        (["predict", str(exported), str(tmp_path / "t.parquet"), "-o", str(tmp_path / "o.parquet"), "--columns",
+          ",".join(FEATURES), "--provider", "cuda"] if "CUDAExecutionProvider" not in ort.get_available_providers()
+         else [], "CUDA"),
     ]
-    for argv, message in cases:
+    for argv, message in (case for case in cases if case[0]):
         assert main(argv + ["--no-progress"]) == 1, argv
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o.parquet").exists()

@@ -20,7 +20,8 @@ ARCHITECTURES = ["lenet", "resnet", "unet", "mobile", "conv1d"]
 
 
 @pytest.mark.parametrize("covariance", ["diag", pytest.param("full", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name", [n if n in ("lenet", "conv1d") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in ARCHITECTURES])  # the fast loop: two of them
 def test_every_weight_random_compiles_with_the_plain_mean_and_runs_in_onnx_runtime(tmp_path, name, covariance):
     model = make_cnn(name)
     x = cnn_input(name, 2)
