@@ -695,8 +695,9 @@ class Moment:
                 t = Term(Noise(_term_variance(t)))
             scale = t.scale
             if isinstance(scale, Tensor):
-                if id(scale) not in moved_scales:
-                    moved_scales[id(scale)] = scale_op(broadcast_to(scale, self.mean.shape))
+                if id(scale) not in moved_scales:  # an expand keeps a broadcastable scale as it is (no copy)
+                    moved_scales[id(scale)] = scale if move.kind == "expand" and scale_op == move.apply else \
+                        scale_op(broadcast_to(scale, self.mean.shape))
                 scale = moved_scales[id(scale)]
             shared = shared_move(t.shared) if (shared_move is not None and t.shared is not None) else None
             if t.jacobian is None:
@@ -1119,13 +1120,14 @@ def _term_covariance(t: Term, mean: Tensor) -> Tensor:
     return s.unsqueeze(-1) * out * s.unsqueeze(-2)
 
 
-def _meets_across_rows(t: Term) -> bool:
+def _meets_across_rows(t: Term, full: bool = True) -> bool:
     """A term whose last dim holds entries that are not independent: entries that rows brought into the last dim
     (a reduction over positions) on a root of the uses of one weight noise by every row, or copies of one entry (a
-    bias broadcast to every position or along the features, an embedding looked up twice); with or without a
-    matrix map after.  Its second moments must pair the entries that meet (``_cross`` of the term with itself); the
-    plain ``J diag(v) J^T`` (or ``diag(v)``) would take them independent."""
-    if t.layout.rows_only:
+    bias broadcast to every position or along the features, an embedding looked up twice); with a matrix map
+    after, or without one where the covariance (``full``) is formed.  Its second moments must pair the entries that
+    meet (``_cross`` of the term with itself); the plain ``J diag(v) J^T`` (or ``diag(v)``) would take them
+    independent.  Without a map, the variances need no pairing."""
+    if t.layout.rows_only or (t.jacobian is None and not full):
         return False
     return isinstance(t.noise, WeightUse) or any(m.kind in ("expand", "embedding") for m, _ in t.layout.moves)
 
@@ -1141,7 +1143,7 @@ def _cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor | None:
     if c is None:
         return None
     elementwise = a.jacobian is None and b.jacobian is None
-    if a.layout.key == b.layout.key and not (_meets_across_rows(a) or _meets_across_rows(b)):
+    if a.layout.key == b.layout.key and not (_meets_across_rows(a, full) or _meets_across_rows(b, full)):
         c = a.layout.apply(c)
         if elementwise and not full:
             return _times(_times(_numeric(a.scale, mean), _numeric(b.scale, mean)), c)
@@ -1249,10 +1251,10 @@ def _second_moments(mean: Tensor, terms: Sequence[Term], full: bool) -> Tensor |
     """Each term's (co)variance (terms that share a map pooled), plus the cross-covariances within noise groups."""
     terms = [s for s in (settled(t, mean) for t in _summed_weight_uses(list(terms), mean)) if s is not None]
     total = None
-    for a in _pooled([t for t in terms if not _meets_across_rows(t)]):
+    for a in _pooled([t for t in terms if not _meets_across_rows(t, full)]):
         part = _term_covariance(a, mean) if full else _term_variance(a)
         total = part if total is None else total + part
-    for a in (t for t in terms if _meets_across_rows(t)):
+    for a in (t for t in terms if _meets_across_rows(t, full)):
         part = broadcast_to(_cross(a, a, mean, full=full), (*mean.shape, mean.shape[-1]) if full else mean.shape)
         total = part if total is None else total + part
     for group in _grouped(terms):
