@@ -92,11 +92,7 @@ def _kron(la, params) -> Posterior:
             d = 1.0 / torch.outer(l_out + root, l_in + root)
         else:
             d = 1.0 / (torch.outer(l_out, l_in) + delta)
-        if p.dim() == 2:
-            result[name] = Kron(q_out.detach(), q_in.detach(), d.detach())
-        else:  # convolution kernels: no convolution rule uses the structure yet, keep the exact marginals
-            marginal = (q_out * q_out) @ d @ (q_in * q_in).T
-            result[name] = marginal.reshape(p.shape)
+        result[name] = Kron(q_out.detach(), q_in.detach(), d.detach())  # a matrix or a convolution kernel
     return result
 
 

@@ -17,19 +17,20 @@ Buffer = Callable[[str], torch.Tensor]
 
 @dataclass(frozen=True)
 class Kron:
-    """A weight (out, in) with ``Cov vec(W) = (Q_out ⊗ Q_in) diag(vec d) (Q_out ⊗ Q_in)^T``."""
+    """A weight (out, in) with ``Cov vec(W) = (Q_out ⊗ Q_in) diag(vec d) (Q_out ⊗ Q_in)^T``; a convolution kernel
+    (out, in / groups, *kernel) as its matrix (out, in / groups · prod(kernel)), as laplace-torch factors it."""
 
     q_out: torch.Tensor
     q_in: torch.Tensor
     d: torch.Tensor
 
     def expected_shapes(self, param: torch.Tensor) -> dict[str, tuple | None]:
-        out, n_in = param.shape if param.dim() == 2 else (None, None)
+        out, n_in = (param.shape[0], param[0].numel()) if param.dim() >= 2 else (None, None)
         return {"q_out": (out, out), "q_in": (n_in, n_in), "d": (out, n_in)}
 
     def buffers(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the rules need, computed once at compile time (stored as buffers of the moment graph)."""
-        marginal = KronNoise.marginal_variance(self.q_out, self.q_in, self.d)
+        marginal = KronNoise.marginal_variance(self.q_out, self.q_in, self.d).reshape(param.shape)
         return {"var": marginal, "q_out": self.q_out, "q_in": self.q_in, "d": self.d}
 
     def noise(self, buffer: Buffer) -> tuple[Noise, MatrixTangent | None]:

@@ -18,8 +18,9 @@ Two families.
   independent, and its output entries are taken independent of each other apart from the bias, in both covariance
   modes; so full mode is exact only after the last random convolution (a random head on a fixed feature
   extractor), and a sum over positions of a random convolution's outputs misses their correlation through the
-  shared kernel.  A weight posterior with correlated entries (Kronecker factors) enters through its marginal
-  variances.
+  shared kernel.  A Kronecker-factored kernel posterior (laplace-torch's kron) keeps its structure: the patches
+  are rotated by convolutions with the input eigenvectors as kernels (``_kron_weight_variance``; groups 1, not
+  transposed, else its marginal variances).
 
 Max pooling is linearised at the arg-max of the mean (each window's winner is the entry that wins at the mean; good
 where the winner is clear, as Monte Carlo agrees then), as a fresh noise with the winner's variance.  GroupNorm and
@@ -39,6 +40,7 @@ from .moment import (
 )
 from .normalisation import _normalised_moment, _per_channel
 from .registry import RuleContext, register
+from .weights import KronNoise
 
 aten = torch.ops.aten
 
@@ -352,7 +354,8 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
     if x_var is not None:
         inputs.append(x_var)
         kernels.append(w_mean * w_mean)
-    if is_random(weight):
+    kron = _kron_kernel(weight) if not transposed and groups == 1 else None
+    if is_random(weight) and kron is None:
         second = x_mean * x_mean
         if x_var is not None and not ctx.first_order:
             second = second + x_var
@@ -364,11 +367,38 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
         var = None
         for i, k in zip(inputs, kernels):
             var = conv(i, k) if var is None else var + conv(i, k)
+    if kron is not None:
+        weight_var = _kron_weight_variance(kron, w_mean.shape, x_mean, None if ctx.first_order else x_var, conv)
+        var = weight_var if var is None else var + weight_var
     terms = [] if var is None else [Term(Noise(var))]
     if is_random(bias):
         column = _per_channel(bias, mean.dim())
         terms.extend(column.moved(mean, expand_move(column.mean.shape, mean.shape)).terms)
     return merged(mean, terms)
+
+
+def _kron_kernel(weight) -> KronNoise | None:
+    """The Kronecker factors of a kernel posterior (laplace-torch's kron), where the weight is only that noise."""
+    if is_random(weight) and len(weight.terms) == 1 and isinstance(weight.terms[0].noise, KronNoise):
+        return weight.terms[0].noise
+    return None
+
+
+def _kron_weight_variance(noise: KronNoise, kernel_shape, x_mean: Tensor, x_var: Tensor | None, conv) -> Tensor:
+    """The weight noise's variance at every output location under ``Cov vec(W) = (Q_out ⊗ Q_in) diag(vec D)
+    (Q_out ⊗ Q_in)^T`` over the kernel matrix (out, in · k...): with the patch ``a`` of a location,
+    ``Var = (Q_out^2 D) E[(Q_in^T a)^2]``, the linear rule's, where ``Q_in^T a`` is a convolution with the rotated
+    kernels (the columns of ``Q_in`` as kernels, one output channel each) and ``E[(Q_in^T a)^2] = (Q_in^T m)^2 +
+    (Q_in^2)^T v`` for an input with independent entries; ``Q_out^2 D`` is then a 1x1 convolution."""
+    out, n = noise.q_out.shape[0], noise.q_in.shape[0]
+    rotated_shape = (n, *kernel_shape[1:])
+    rotated = conv(x_mean, noise.q_in.T.reshape(rotated_shape))
+    second = rotated * rotated
+    if x_var is not None:
+        second = second + conv(x_var, (noise.q_in * noise.q_in).T.reshape(rotated_shape))
+    dims = len(kernel_shape) - 2
+    mixing = ((noise.q_out * noise.q_out) @ noise.d).reshape(out, n, *[1] * dims)
+    return aten.convolution.default(second, mixing, None, [1] * dims, [0] * dims, [1] * dims, False, [0] * dims, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import momentprop as mp
@@ -72,3 +73,38 @@ def test_last_layer_laplace_on_a_cnn_is_laplace_torchs_glm_predictive(structure)
     cm = mp.compile(model, la, (x[:4],))
     assert cm.info.options.predictive == "glm"
     torch.testing.assert_close(cm.predict(x[:8]), la(x[:8]).float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", [nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 4, (3, 2), stride=2, dilation=(1, 2))],
+                         ids=["3x3", "strided dilated"])  # laplace-torch's kron backend has no Conv1d
+def test_a_kron_kernel_posterior_agrees_with_laplace_torchs_own_sampler(layer):
+    """One random convolution (its output is the model's): the compiled variance against Monte Carlo over
+    laplace-torch's own Kronecker sampler, where the kernel's correlations matter (marginals alone are further off)."""
+    import laplace
+    from torch.nn.utils import vector_to_parameters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(layer, nn.Flatten())
+    x = torch.randn(96, 2, 6, 6).cumsum(-1).cumsum(-2) / 4  # smooth images: a patch's entries are correlated
+    with torch.no_grad():
+        y = model(x) + 0.3 * torch.randn_like(model(x))
+    la = laplace.Laplace(model, "regression", subset_of_weights="all", hessian_structure="kron", prior_precision=0.5,
+                         sigma_noise=0.3)
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=32))
+    x_test = torch.randn(6, 2, 6, 6).cumsum(-1).cumsum(-2) / 4
+    _, var = mp.compile(model, la, (x_test[:2],), covariance="diag")(x_test)
+    samples = la.sample(4000, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    with torch.no_grad():
+        for sample in samples:
+            vector_to_parameters(sample, model.parameters())
+            outputs.append(model(x_test))
+    mc_var = torch.stack(outputs).double().var(0)
+    marginals = {name: v.reshape(p.shape) for (name, p), v in zip(
+        model.named_parameters(), samples.var(0).split([p.numel() for p in model.parameters()]))}
+    _, marginal_var = mp.compile(model, marginals, (x_test[:2],), covariance="diag")(x_test)
+    error, marginal_error = median_relative_error(var.double(), mc_var), median_relative_error(marginal_var.double(),
+                                                                                                mc_var)
+    assert error < 0.05, f"median relative error against laplace-torch's sampler: {error:.3f}"
+    assert marginal_error > 2 * error, f"the kernel's correlations do not matter here ({marginal_error:.3f})"
