@@ -525,8 +525,8 @@ def _blocks(indices: list[int]) -> list[tuple[int, ...]]:
 
 # The Monte Carlo and ONNX checks of every entry take minutes (sampling, exporting): the fast loop runs every
 # FAST_EVERY-th entry that has the oracle (the table is ordered by family, so every family is sampled), the rest is
-# marked slow. The jacobian check runs every entry in the fast loop.
-FAST_EVERY = {"jacobian": 1, "mc": 8, "onnx": 25}
+# marked slow; the jacobian check runs every other entry in the fast loop (the fast loop's target is 3 minutes).
+FAST_EVERY = {"jacobian": 2, "mc": 8, "onnx": 25}
 
 
 def with_oracle(oracle: str) -> list[int]:
@@ -700,6 +700,7 @@ def _entry_of(node) -> int | None:
     return None
 
 
+@pytest.mark.slow  # captures every block (12 s): CI runs it, the inner loop does not
 def test_samples_reach_their_op():
     """Every sample's captured graph contains its op (an entry that stopped reaching its op tests nothing)."""
     missing = []
