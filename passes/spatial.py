@@ -4,8 +4,8 @@ Two families.
 
 * **Linear maps along a dim** (``along``): reductions (``sum``, ``mean``), pooling by averaging (``avg_pool``,
   ``adaptive_avg_pool``), resampling (nearest and bilinear ``upsample``), ``cumsum``, ``embedding_bag`` (over the
-  looked-up rows), and ``sort``/``topk`` (the
-  permutation taken from the mean) each apply a fixed matrix along one or two dims.  The matrix is found by applying
+  looked-up rows), and ``sort``/``topk`` (the permutation taken from the mean) each apply a fixed matrix along one
+  or two dims.  The matrix is found by applying
   the op itself to an identity (so every option of the op, ``ceil_mode``, ``align_corners``, padding, is honoured
   without being re-derived), and applied as a matrix map: over the last dim every map is kept (exact); another dim
   is moved last and back, which keeps every noise's identity (a bias shared by all positions stays shared) and
