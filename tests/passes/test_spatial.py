@@ -76,9 +76,11 @@ def test_last_layer_laplace_on_a_cnn_is_laplace_torchs_glm_predictive(structure)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layer", [nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 4, (3, 2), stride=2, dilation=(1, 2))],
-                         ids=["3x3", "strided dilated"])  # laplace-torch's kron backend has no Conv1d
-def test_a_kron_kernel_posterior_agrees_with_laplace_torchs_own_sampler(layer):
+@pytest.mark.parametrize("layer, damping", [
+    (nn.Conv2d(2, 3, 3, padding=1), False), (nn.Conv2d(2, 4, (3, 2), stride=2, dilation=(1, 2)), False),
+    (nn.Conv2d(2, 3, 3, padding=1), True),
+], ids=["3x3", "strided dilated", "3x3 damped"])  # laplace-torch's kron backend has no Conv1d
+def test_a_kron_kernel_posterior_agrees_with_laplace_torchs_own_sampler(layer, damping):
     """One random convolution (its output is the model's): the compiled variance against Monte Carlo over
     laplace-torch's own Kronecker sampler, where the kernel's correlations matter (marginals alone are further off)."""
     import laplace
@@ -90,7 +92,7 @@ def test_a_kron_kernel_posterior_agrees_with_laplace_torchs_own_sampler(layer):
     with torch.no_grad():
         y = model(x) + 0.3 * torch.randn_like(model(x))
     la = laplace.Laplace(model, "regression", subset_of_weights="all", hessian_structure="kron", prior_precision=0.5,
-                         sigma_noise=0.3)
+                         sigma_noise=0.3, damping=damping)
     la.fit(DataLoader(TensorDataset(x, y), batch_size=32))
     x_test = torch.randn(6, 2, 6, 6).cumsum(-1).cumsum(-2) / 4
     _, var = mp.compile(model, la, (x_test[:2],), covariance="diag")(x_test)
