@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .operators import LinearOperator, SumOperator, as_dense, left_times, right_times
+
 if TYPE_CHECKING:
     from .shared_weight import SharedNoise
 
@@ -582,17 +584,45 @@ class MatrixTangent:
         """The product, formed from the output end when it is the smaller one (else from the root end)."""
         matrices = self.matrices
         diagonals = tuple(_numeric(d, matrices[0]) if d is not None else None for d in self.diagonals)
-        if len(matrices) > 1 and statically_known_true(matrices[-1].shape[-2] < matrices[0].shape[-1]):
-            j = matrices[-1]
+        if len(matrices) > 1 and statically_known_true(self.out_size < self.root_size):
+            j = as_dense(matrices[-1])
             for d, m in zip(reversed(diagonals[1:-1]), reversed(matrices[:-1])):
-                j = (j if d is None else j * _col(d)) @ m
+                j = right_times(j if d is None else j * _col(d), m)
             if diagonals[0] is not None:
                 j = j * _col(diagonals[0])
         else:
-            j = matrices[0] if diagonals[0] is None else matrices[0] * _col(diagonals[0])
+            j = as_dense(matrices[0]) if diagonals[0] is None else as_dense(matrices[0]) * _col(diagonals[0])
             for d, m in zip(diagonals[1:-1], matrices[1:]):
-                j = m @ (j if d is None else _row(d) * j)
+                j = left_times(m, j if d is None else _row(d) * j)
         return j if diagonals[-1] is None else _row(diagonals[-1]) * j
+
+    @property
+    def has_operator(self) -> bool:
+        return any(isinstance(m, LinearOperator) for m in self.matrices)
+
+    def rmatmul(self, j: Tensor) -> Tensor:
+        """``j @ J`` for rows ``j`` (..., r, out), from the output end (a chain of no matrices is its diagonal)."""
+        like = j
+        *_, last = self.diagonals
+        if last is not None:
+            j = j * _col(_numeric(last, like))
+        for d, m in zip(reversed(self.diagonals[:-1]), reversed(self.matrices)):
+            j = right_times(j, m)
+            if d is not None:
+                j = j * _col(_numeric(d, like))
+        return j
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """``J @ x`` for columns ``x`` (..., root, c)."""
+        like = x
+        first = self.diagonals[0]
+        if first is not None:
+            x = _row(_numeric(first, like)) * x
+        for d, m in zip(self.diagonals[1:], self.matrices):
+            x = left_times(m, x)
+            if d is not None:
+                x = _row(_numeric(d, like)) * x
+        return x
 
 
 def _col(d):
@@ -814,9 +844,9 @@ def _crowded(terms: list[Term], mean: Tensor) -> set[int]:
     seen: set[int] = set()
     crowded: set[int] = set()
     for t in terms:
-        if t.jacobian is None:
+        if t.jacobian is None or t.jacobian.has_operator:  # operator maps add lazily (``_summed_tangents``)
             continue
-        if id(t.noise) in seen and mean.shape[-1] * t.jacobian.root_size <= _ROW_MAP_BUDGET:
+        if id(t.noise) in seen and t.jacobian.out_size * t.jacobian.root_size <= _ROW_MAP_BUDGET:
             crowded.add(id(t.noise))
         seen.add(id(t.noise))
     return crowded
@@ -837,6 +867,11 @@ def _merge(group: list[Term], mean: Tensor) -> list[Term]:
     if any(s.jacobian is None or s.noise is not first.noise or s.layout.key != settled_terms[0].layout.key
            for s in settled_terms):
         return settled_terms
+    if any(s.jacobian.has_operator for s in settled_terms):  # a map of operators is never formed: a lazy sum
+        total = settled_terms[0].jacobian.scaled(settled_terms[0].scale)
+        for s in settled_terms[1:]:
+            total = _summed_tangents(total, s.jacobian.scaled(s.scale))
+        return [Term(first.noise, settled_terms[0].layout, total)]
     j = None
     for s in settled_terms:
         dense = s.jacobian.dense()
@@ -845,6 +880,33 @@ def _merge(group: list[Term], mean: Tensor) -> list[Term]:
     return [Term(first.noise, settled_terms[0].layout, MatrixTangent.of(j))]
 
 
+
+
+def _summed_tangents(a: MatrixTangent, b: MatrixTangent) -> MatrixTangent:
+    """``a + b`` with the factors they share kept once: the common inner factors (from the root) and outer factors
+    (from the output), with a :class:`SumOperator` of the two middles between them (a skip connection adds a
+    block's map to the identity; the earlier layers' factors are shared)."""
+    ma, mb, da, db = a.matrices, b.matrices, a.diagonals, b.diagonals
+    inner = 0
+    while inner < min(len(ma), len(mb)) and ma[inner] is mb[inner] and da[inner] is db[inner]:
+        inner += 1
+    outer = 0
+    while (outer < min(len(ma), len(mb)) - inner and ma[len(ma) - 1 - outer] is mb[len(mb) - 1 - outer]
+           and da[len(da) - 1 - outer] is db[len(db) - 1 - outer]):
+        outer += 1
+    middles = [MatrixTangent(m[inner:len(m) - outer], d[inner:len(d) - outer]) for m, d in ((ma, da), (mb, db))]
+    inp = ma[inner - 1].shape[-2] if inner else a.root_size
+    out = ma[len(ma) - outer].shape[-1] if outer else a.out_size
+    leading = [tuple(f.shape[:-2]) for mid in middles for f in mid.matrices] + [
+        tuple(d.shape[:-1]) for mid in middles for d in mid.diagonals if isinstance(d, Tensor)]
+    rows = tuple(torch.broadcast_shapes(*leading)) if leading else ()
+    total = SumOperator(middles, out, inp, ma[0] if isinstance(ma[0], Tensor) else _like(ma[0]), rows)
+    return MatrixTangent(ma[:inner] + (total,) + ma[len(ma) - outer:],
+                         da[:inner] + (None, None) + da[len(da) - outer:])
+
+
+def _like(op: LinearOperator) -> Tensor:
+    return torch.empty(0, dtype=op.dtype, device=op.device)
 
 
 def _summed_weight_uses(terms: list[Term], mean: Tensor) -> list[Term]:
@@ -1088,7 +1150,10 @@ def _matrix_variance(jacobian: MatrixTangent, var: Tensor) -> Tensor:
     v = var if cols is None else var * (cols * cols)
     if len(jacobian.matrices) == 1:
         (m,), (_, rows) = jacobian.matrices, jacobian.diagonals
-        out = v @ (m * m).mT if m.dim() == 2 else ((m * m) @ v.unsqueeze(-1)).squeeze(-1)
+        if isinstance(m, LinearOperator):
+            out = m.squared(v)
+        else:
+            out = v @ (m * m).mT if m.dim() == 2 else ((m * m) @ v.unsqueeze(-1)).squeeze(-1)
         return out if rows is None else _times(_squared(rows), out)
     j = jacobian.dense()
     return ((j * j) @ v.unsqueeze(-1)).squeeze(-1)
@@ -1129,7 +1194,17 @@ def _meets_across_rows(t: Term, full: bool = True) -> bool:
     independent.  Without a map, the variances need no pairing."""
     if t.layout.rows_only or (t.jacobian is None and not full):
         return False
-    return isinstance(t.noise, WeightUse) or any(m.kind in ("expand", "embedding") for m, _ in t.layout.moves)
+    if isinstance(t.noise, WeightUse):
+        return True
+    copied = False  # copies meet in the last dim where they are made there, or rows are moved into it after them
+    for move, _ in t.layout.moves:
+        if move.kind in ("expand", "embedding"):
+            if not move.rows_only:
+                return True
+            copied = True
+        elif copied and not move.rows_only:
+            return True
+    return False
 
 
 def _cross(a: Term, b: Term, mean: Tensor, full: bool) -> Tensor | None:

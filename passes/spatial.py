@@ -35,10 +35,13 @@ from torch import Tensor
 
 from .elementwise import add, mul
 from .moment import (
-    Layout, Moment, Noise, Term, _numeric, broadcast_to, embedding_move, expand_move, is_random, mean_of, merged,
+    Layout, MatrixTangent, Moment, Noise, Term, _numeric, broadcast_to, embedding_move, expand_move, is_random, mean_of, merged,
     pad_move, permute_move, reshape_move, same_shape, slice_move,
 )
 from .normalisation import _normalised_moment, _per_channel
+from .operators import (
+    ConvolutionOperator, ConvolutionWeightOperator, GatherOperator, LinearOperator, SeparableOperator,
+)
 from .registry import RuleContext, register
 from .weights import KronNoise
 
@@ -75,9 +78,30 @@ def _matrix_1d(op_1d, n: int, like: Tensor) -> Tensor:
     return op_1d(_identity_images(n, like))[:, 0, :].T.contiguous()
 
 
-def _spatial(x: Moment, mean: Tensor, matrices: list[Tensor]) -> Moment:
+def flat_map(x: Moment, mean: Tensor, operator: LinearOperator) -> Moment:
+    """``x`` (N, ...) with ``operator`` applied as one matrix map over all its entries but the batch dim
+    (flattened), laid out like ``mean`` (the plain op's): how full mode keeps a convolution network's maps exact
+    (the map of a random convolution reaches back to earlier layers through every channel and position)."""
+    flat_in = x.mean.reshape(x.mean.shape[0], -1)
+    moved = x.moved(flat_in, reshape_move(x.mean.shape, flat_in.shape))
+    if not is_random(moved):
+        return mean
+    flat_out = mean.reshape(mean.shape[0], -1)
+    mapped = moved.left_multiplied(flat_out, operator)
+    return mapped.moved(mean, reshape_move(flat_out.shape, mean.shape)) if is_random(mapped) else mean
+
+
+def _keeps_maps_over_images(ctx: RuleContext, x, spatial: int) -> bool:
+    """Full mode on a batch of images (N, C, *spatial): the op is applied as an operator over the flattened
+    entries (``flat_map``)."""
+    return ctx.keeps_maps and is_random(x) and x.mean.dim() == spatial + 2 and spatial >= 1
+
+
+def _spatial(x: Moment, mean: Tensor, matrices: list[Tensor], ctx: RuleContext | None = None) -> Moment:
     """A separable linear op over the last ``len(matrices)`` dims, one ``(out, n)`` matrix per dim; the mean is the
     plain op's."""
+    if ctx is not None and _keeps_maps_over_images(ctx, x, len(matrices)):
+        return flat_map(x, mean, SeparableOperator(matrices, x.mean.shape[1], x.mean))
     out = x
     for i, matrix in enumerate(matrices):
         out = along(out, x.mean.dim() - len(matrices) + i, matrix)
@@ -89,8 +113,8 @@ def _per_dim(value, dims: int) -> list:
     return value * dims if len(value) == 1 else value
 
 
-def _avg_pool(x: Moment, mean: Tensor, kernel_size, stride, padding, ceil_mode, count_include_pad,
-              divisor_override, dims: int) -> Moment:
+def _avg_pool(ctx: RuleContext, x: Moment, mean: Tensor, kernel_size, stride, padding, ceil_mode,
+              count_include_pad, divisor_override, dims: int) -> Moment:
     """Each dim's 1-d average pooling matrix; PyTorch's divisor (the window's size, clipped at the padded edge, or
     its valid entries) is the product of the 1-d divisors.  ``divisor_override``: window sums over it."""
     kernel, padding = _per_dim(kernel_size, dims), _per_dim(padding, dims)
@@ -103,7 +127,7 @@ def _avg_pool(x: Moment, mean: Tensor, kernel_size, stride, padding, ceil_mode, 
         matrices.append((matrix > 0).to(matrix.dtype) if divisor_override else matrix)
     if divisor_override:
         matrices[0] = matrices[0] / divisor_override
-    return _spatial(x, mean, matrices)
+    return _spatial(x, mean, matrices, ctx)
 
 
 @register(aten.avg_pool1d.default, whole=True)
@@ -111,7 +135,7 @@ def avg_pool1d(ctx: RuleContext, x: Moment, kernel_size, stride=(), padding=0, c
                count_include_pad=True) -> Moment:
     """Average pooling: linear, separable (exact maps)."""
     mean = aten.avg_pool1d.default(x.mean, kernel_size, stride, padding, ceil_mode, count_include_pad)
-    return _avg_pool(x, mean, kernel_size, stride, padding, ceil_mode, count_include_pad, None, dims=1)
+    return _avg_pool(ctx, x, mean, kernel_size, stride, padding, ceil_mode, count_include_pad, None, dims=1)
 
 
 @register(aten.avg_pool2d.default, aten.avg_pool3d.default, whole=True)
@@ -121,7 +145,8 @@ def avg_pool(ctx: RuleContext, x: Moment, kernel_size, stride=(), padding=0, cei
     dims = x.mean.dim() - 2
     op = {2: aten.avg_pool2d.default, 3: aten.avg_pool3d.default}[dims]
     mean = op(x.mean, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-    return _avg_pool(x, mean, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, dims)
+    return _avg_pool(ctx, x, mean, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
+                     dims)
 
 
 @register(aten._adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default, aten._adaptive_avg_pool3d.default,
@@ -133,10 +158,11 @@ def adaptive_avg_pool(ctx: RuleContext, x: Moment, output_size) -> Moment:
     mean = op(x.mean, output_size)
     spatial = x.mean.shape[x.mean.dim() - len(output_size):]
     return _spatial(x, mean, [_matrix_1d(lambda t, size=size: F.adaptive_avg_pool1d(t, size), n, x.mean)
-                              for n, size in zip(spatial, output_size)])
+                              for n, size in zip(spatial, output_size)], ctx)
 
 
-def _resampled(x: Moment, mean: Tensor, mode: str, align_corners: bool | None, scale_factors) -> Moment:
+def _resampled(ctx: RuleContext, x: Moment, mean: Tensor, mode: str, align_corners: bool | None,
+               scale_factors) -> Moment:
     """One interpolation matrix per spatial dim, from the 1-d op with the same size or scale factor."""
     matrices = []
     for i in range(mean.dim() - 2):
@@ -144,7 +170,7 @@ def _resampled(x: Moment, mean: Tensor, mode: str, align_corners: bool | None, s
         size = {"size": mean.shape[2 + i]} if not scale_factors else {"scale_factor": scale_factors[i]}
         matrices.append(_matrix_1d(lambda t: F.interpolate(t, mode=mode, align_corners=align_corners, **size), n,
                                    x.mean))
-    return _spatial(x, mean, matrices)
+    return _spatial(x, mean, matrices, ctx)
 
 
 @register(aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec, whole=True)
@@ -152,7 +178,7 @@ def upsample_nearest(ctx: RuleContext, x: Moment, output_size, scale_factors) ->
     """Nearest resampling: every output entry is a copy of one input entry (exact maps; copies stay one noise)."""
     op = {3: aten.upsample_nearest1d.vec, 4: aten.upsample_nearest2d.vec, 5: aten.upsample_nearest3d.vec}[
         x.mean.dim()]
-    return _resampled(x, op(x.mean, output_size, scale_factors), "nearest", None, scale_factors)
+    return _resampled(ctx, x, op(x.mean, output_size, scale_factors), "nearest", None, scale_factors)
 
 
 @register(aten.upsample_bilinear2d.vec, aten.upsample_linear1d.vec, aten.upsample_trilinear3d.vec, whole=True)
@@ -160,7 +186,7 @@ def upsample_linear(ctx: RuleContext, x: Moment, output_size, align_corners, sca
     """(Bi/tri)linear resampling: a fixed interpolation matrix per dim (exact maps)."""
     op = {3: aten.upsample_linear1d.vec, 4: aten.upsample_bilinear2d.vec, 5: aten.upsample_trilinear3d.vec}[
         x.mean.dim()]
-    return _resampled(x, op(x.mean, output_size, align_corners, scale_factors), "linear", align_corners,
+    return _resampled(ctx, x, op(x.mean, output_size, align_corners, scale_factors), "linear", align_corners,
                       scale_factors)
 
 
@@ -182,9 +208,13 @@ def _without_copies(t: Term, dims: list[int]) -> Layout | None:
     return prefix if same_shape(padded, kept) else prefix.then(expand_move(padded, kept))
 
 
-def _reduced(x: Moment, dims, keepdim: bool, mean: Tensor, weight: float) -> Moment:
+def _reduced(ctx: RuleContext, x: Moment, dims, keepdim: bool, mean: Tensor, weight: float) -> Moment:
     ndim = x.mean.dim()
     dims = sorted({d % ndim for d in (range(ndim) if dims is None or len(dims) == 0 else dims)})
+    if dims and dims[0] >= 2 and dims == list(range(dims[0], ndim)) and _keeps_maps_over_images(ctx, x, len(dims)):
+        ones = [torch.full((1, x.mean.shape[d]), weight if weight else 1.0 / x.mean.shape[d], dtype=x.mean.dtype,
+                           device=x.mean.device) for d in dims]
+        return flat_map(x, mean, SeparableOperator(ones, x.mean.shape[1:dims[0]].numel(), x.mean))
     copies = [(t, layout) for t in x.terms if (layout := _without_copies(t, dims)) is not None]
     if copies:  # the sum of copies of one entry is that entry times the sum of their scales (no map over copies)
         reduce = (lambda t: t.sum(dims, keepdim=True)) if weight else (lambda t: t.mean(dims, keepdim=True))
@@ -192,7 +222,7 @@ def _reduced(x: Moment, dims, keepdim: bool, mean: Tensor, weight: float) -> Mom
         pooled = [Term(t.noise, layout, scale=reduce(broadcast_to(_numeric(t.scale, x.mean) * torch.ones_like(
             x.mean), x.mean.shape)) * (weight or 1.0)) for t, layout in copies]
         others = [t for t in x.terms if all(t is not c for c, _ in copies)]
-        rest = _reduced(Moment(x.mean, tuple(others)), dims, True, kept_mean, weight) if others else kept_mean
+        rest = _reduced(ctx, Moment(x.mean, tuple(others)), dims, True, kept_mean, weight) if others else kept_mean
         total = merged(kept_mean, [*pooled, *(rest.terms if is_random(rest) else ())])
         return total.moved(mean, reshape_move(kept_mean.shape, mean.shape))
     if len(dims) > 1 and dims == list(range(ndim - len(dims), ndim)):  # trailing dims (global pooling): one map
@@ -210,13 +240,13 @@ def _reduced(x: Moment, dims, keepdim: bool, mean: Tensor, weight: float) -> Mom
 @register(aten.sum.dim_IntList, whole=True)
 def sum_dims(ctx: RuleContext, x: Moment, dims=None, keepdim: bool = False, dtype=None) -> Moment:
     """Sum over dims: linear (exact maps)."""
-    return _reduced(x, dims, keepdim, aten.sum.dim_IntList(x.mean, dims, keepdim, dtype=dtype), 1.0)
+    return _reduced(ctx, x, dims, keepdim, aten.sum.dim_IntList(x.mean, dims, keepdim, dtype=dtype), 1.0)
 
 
 @register(aten.mean.dim, whole=True)
 def mean_dims(ctx: RuleContext, x: Moment, dims=None, keepdim: bool = False, dtype=None) -> Moment:
     """Mean over dims (global average pooling): linear (exact maps)."""
-    return _reduced(x, dims, keepdim, aten.mean.dim(x.mean, dims, keepdim, dtype=dtype), 0.0)
+    return _reduced(ctx, x, dims, keepdim, aten.mean.dim(x.mean, dims, keepdim, dtype=dtype), 0.0)
 
 
 @register(aten.cumsum.default, whole=True)
@@ -290,8 +320,14 @@ def topk(ctx: RuleContext, x: Moment, k: int, dim: int = -1, largest: bool = Tru
 def constant_pad_nd(ctx: RuleContext, x: Moment, pad, value=0.0) -> Moment:
     """Padding with a constant: the maps are padded with zeros (negative pads crop; exact)."""
     mean = aten.constant_pad_nd.default(x.mean, pad, value)
-    out = x
     ndim = x.mean.dim()
+    padded = len(pad) // 2
+    if ndim - padded >= 2 and _keeps_maps_over_images(ctx, x, ndim - 2):
+        eye = [torch.eye(n, dtype=x.mean.dtype, device=x.mean.device) for n in x.mean.shape[ndim - padded:]]
+        matrices = [F.pad(e, [0, 0, pad[2 * (padded - 1 - i)], pad[2 * (padded - 1 - i) + 1]])
+                    for i, e in enumerate(eye)]
+        return flat_map(x, mean, SeparableOperator(matrices, x.mean.shape[1:ndim - padded].numel(), x.mean))
+    out = x
     for i in range(len(pad) // 2):
         dim = ndim - 1 - i
         before, after = pad[2 * i], pad[2 * i + 1]
@@ -314,8 +350,13 @@ def constant_pad_nd(ctx: RuleContext, x: Moment, pad, value=0.0) -> Moment:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _max_pool(x: Moment, op, args) -> tuple:
+def _max_pool(ctx: RuleContext, x: Moment, op, args) -> tuple:
     values, indices = op(x.mean, *args)
+    if _keeps_maps_over_images(ctx, x, x.mean.dim() - 2):  # the winners as a gather over the flattened entries
+        positions = x.mean.shape[2:].numel()
+        channel = torch.arange(x.mean.shape[1], device=indices.device).reshape(1, -1, *[1] * (indices.dim() - 2))
+        index = (indices + channel * positions).reshape(indices.shape[0], -1)
+        return flat_map(x, values, GatherOperator(index, x.mean.shape[1:].numel(), x.mean)), indices
     flat = x.variance().flatten(2)
     var = flat.gather(2, indices.flatten(2)).reshape(values.shape)
     return Moment.diagonal(values, var), indices
@@ -327,7 +368,7 @@ def max_pool_with_indices(ctx: RuleContext, x: Moment, kernel_size, stride=(), p
     """Max pooling linearised at the arg-max of the mean: each window passes on its winner at the mean, with that
     entry's variance, as a fresh noise (correlations across windows are dropped)."""
     op = {4: aten.max_pool2d_with_indices.default, 5: aten.max_pool3d_with_indices.default}[x.mean.dim()]
-    return _max_pool(x, op, (kernel_size, stride, padding, dilation, ceil_mode))
+    return _max_pool(ctx, x, op, (kernel_size, stride, padding, dilation, ceil_mode))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,6 +390,8 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
 
     x_mean, w_mean = mean_of(x), mean_of(weight)
     mean = conv(x_mean, w_mean, mean_of(bias))
+    if _exact_convolution(ctx, x_mean, weight, transposed):
+        return _convolution_maps(ctx, x, weight, bias, mean, conv, stride, padding, dilation, groups)
     inputs, kernels = [], []  # the variance is the sum of conv(input, kernel) over these pairs
     x_var = x.variance() if is_random(x) else None
     if x_var is not None:
@@ -374,6 +417,48 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
     if is_random(bias):
         column = _per_channel(bias, mean.dim())
         terms.extend(column.moved(mean, expand_move(column.mean.shape, mean.shape)).terms)
+    return merged(mean, terms)
+
+
+def _exact_convolution(ctx: RuleContext, x_mean: Tensor, weight, transposed: bool) -> bool:
+    """Full mode keeps a convolution's maps (1-d and 2-d, not transposed, a weight with independent entries)."""
+    plain_weight = not is_random(weight) or all(
+        t.jacobian is None and type(t.noise) is Noise for t in weight.terms)
+    return ctx.keeps_maps and not transposed and x_mean.dim() in (3, 4) and plain_weight
+
+
+def _convolution_maps(ctx: RuleContext, x, weight, bias, mean: Tensor, conv, stride, padding, dilation,
+                      groups: int) -> Moment | Tensor:
+    """Full mode: the convolution as a linear map over the flattened entries (exact maps).  The input's maps go
+    through :class:`ConvolutionOperator` (the mean kernel), the weight noise through
+    :class:`ConvolutionWeightOperator` (the mean input's patches; every position uses the same kernel noise), the
+    bias noise is broadcast over the positions; the paper's second-order term (``suq``) is a fresh noise,
+    ``conv(v, S)``."""
+    x_mean, w_mean = mean_of(x), mean_of(weight)
+    n = mean.shape[0]
+    flat_out = mean.reshape(n, -1)
+    terms: list[Term] = []
+    if is_random(x):
+        operator = ConvolutionOperator(w_mean, x_mean.shape[1:], mean.shape[1:], stride, padding, dilation, groups)
+        mapped = flat_map(x, mean, operator)
+        if is_random(mapped):
+            terms.extend(mapped.terms)
+        if is_random(weight) and not ctx.first_order:
+            terms.append(Term(Noise(conv(x.variance(), weight.variance()))))
+    if is_random(weight):
+        operator = ConvolutionWeightOperator(x_mean, w_mean.shape, mean.shape[1:], stride, padding, dilation, groups)
+        flat_kernel = (w_mean.numel(),)
+        for t in weight.terms:
+            layout = t.layout.then(reshape_move(w_mean.shape, flat_kernel))
+            layout = layout.then(expand_move(flat_kernel, (n, *flat_kernel)))
+            cols = t.scale.reshape(-1) if isinstance(t.scale, Tensor) else t.scale
+            terms.append(Term(t.noise, layout, MatrixTangent.of(operator, cols),
+                              Layout().then(reshape_move(flat_out.shape, mean.shape))))
+    if is_random(bias):
+        column = bias.moved(bias.mean.expand(n, -1), expand_move(bias.mean.shape, (n, *bias.mean.shape)))
+        spread = [torch.ones(size, 1, dtype=mean.dtype, device=mean.device) for size in mean.shape[2:]]
+        flat = column.left_multiplied(flat_out, SeparableOperator(spread, mean.shape[1], mean))
+        terms.extend(flat.moved(mean, reshape_move(flat_out.shape, mean.shape)).terms)
     return merged(mean, terms)
 
 

@@ -1,0 +1,236 @@
+"""Matrix-free factors of a matrix map: linear maps applied as operators, never formed as dense matrices.
+
+A :class:`~momentprop.passes.moment.MatrixTangent` is a product of factors over the last dimension.  Most factors
+are matrices (a linear layer's weight).  A convolution over an image is also a linear map, from the flattened
+``C x H x W`` entries of its input to those of its output, but as a matrix it is huge and mostly zeros; these
+classes apply it as the op itself.  Each has the three products a covariance needs:
+
+* ``rmatmul(j)``: ``j @ A`` for rows ``j`` (..., r, out): the adjoint, applied from the output end, where the
+  map is formed for a small output (a transposed convolution for a convolution, a scatter for a gather);
+* ``matmul(x)``: ``A @ x`` for columns ``x`` (..., in, c): the op applied to each column;
+* ``squared(v)``: ``(A * A) @ v``, the variance of ``A e`` for independent entries of variance ``v``.
+
+An operator is *shared* (one map for every row, ``dim() == 2``) or *per row* (it depends on each input, as the
+weight noise of a convolution does, ``dim() == 3``: its rows are the batch)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+aten = torch.ops.aten
+
+
+class LinearOperator:
+    """A linear map (``out`` x ``in``) over the last dimension, applied without its matrix."""
+
+    rows: tuple = ()  # the leading (batch) dims of a per-row operator
+
+    def __init__(self, out: int, inp: int, like: Tensor):
+        self.out, self.inp, self.dtype, self.device = out, inp, like.dtype, like.device
+
+    @property
+    def shape(self) -> tuple:
+        return (*self.rows, self.out, self.inp)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def rmatmul(self, j: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def matmul(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def squared(self, v: Tensor) -> Tensor:
+        """``(A * A) @ v`` for ``v`` (..., in); by default from the dense map (operators override it)."""
+        dense = self.dense()
+        return ((dense * dense) @ v.unsqueeze(-1)).squeeze(-1)
+
+    def dense(self) -> Tensor:
+        eye = torch.eye(self.out, dtype=self.dtype, device=self.device)
+        return self.rmatmul(eye)
+
+
+def right_times(j: Tensor, factor) -> Tensor:
+    """``j @ factor`` for a matrix or an operator."""
+    return factor.rmatmul(j) if isinstance(factor, LinearOperator) else j @ factor
+
+
+def left_times(factor, x: Tensor) -> Tensor:
+    """``factor @ x`` for a matrix or an operator."""
+    return factor.matmul(x) if isinstance(factor, LinearOperator) else factor @ x
+
+
+def as_dense(factor) -> Tensor:
+    return factor.dense() if isinstance(factor, LinearOperator) else factor
+
+
+def _rows_first(t: Tensor, tail: int) -> tuple[Tensor, tuple]:
+    """``t`` with every dim but its last ``tail`` folded into one (the leading shape returned)."""
+    lead = tuple(t.shape[:t.dim() - tail])
+    return t.reshape(-1, *t.shape[t.dim() - tail:]), lead
+
+
+class ConvolutionOperator(LinearOperator):
+    """A convolution with a fixed kernel, from the flattened ``(C_in, *spatial_in)`` entries to ``(C_out,
+    *spatial_out)``: ``A x = conv(x, W)``, ``j A = conv_transpose(j, W)`` (the output padding chosen so the
+    spatial size comes back), ``(A * A) v = conv(v, W^2)``."""
+
+    def __init__(self, kernel: Tensor, in_shape: tuple, out_shape: tuple, stride, padding, dilation, groups: int):
+        super().__init__(math.prod(out_shape), math.prod(in_shape), kernel)
+        self.kernel, self.in_shape, self.out_shape = kernel, tuple(in_shape), tuple(out_shape)
+        self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
+        spatial = len(in_shape) - 1
+        self.output_padding = [
+            in_shape[1 + i] - ((out_shape[1 + i] - 1) * self.stride[i] - 2 * self.padding[i]
+                               + self.dilation[i] * (kernel.shape[2 + i] - 1) + 1) for i in range(spatial)]
+
+    def _conv(self, images: Tensor, kernel: Tensor) -> Tensor:
+        return aten.convolution.default(images, kernel, None, self.stride, self.padding, self.dilation, False,
+                                        [0] * len(self.stride), self.groups)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        columns = x.mT  # (..., c, in)
+        flat, lead = _rows_first(columns, 1)
+        out = self._conv(flat.reshape(-1, *self.in_shape), self.kernel)
+        return out.reshape(*lead, self.out).mT
+
+    def rmatmul(self, j: Tensor) -> Tensor:
+        flat, lead = _rows_first(j, 1)
+        out = aten.convolution.default(flat.reshape(-1, *self.out_shape), self.kernel, None, self.stride,
+                                       self.padding, self.dilation, True, self.output_padding, self.groups)
+        return out.reshape(*lead, self.inp)
+
+    def squared(self, v: Tensor) -> Tensor:
+        flat, lead = _rows_first(v, 1)
+        out = self._conv(flat.reshape(-1, *self.in_shape), self.kernel * self.kernel)
+        return out.reshape(*lead, self.out)
+
+
+def patches(images: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
+    """The input patch of every output location, ``(N, L, C_in * k...)`` (PyTorch's ``unfold``; a 1-d image as a
+    2-d image of height 1)."""
+    if images.dim() == 3:
+        images, kernel_size = images.unsqueeze(2), (1, *kernel_size)
+        stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+    return F.unfold(images, tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride)).mT
+
+
+class ConvolutionWeightOperator(LinearOperator):
+    """The weight noise of a convolution applied to each row's mean input ``a``: from the kernel's entries
+    ``(C_out, C_in / groups, k...)`` (flattened) to the output's ``(C_out, *spatial_out)``, per row (batch entry):
+    ``A dW = conv(a, dW) = patches(a) @ dW^T`` per group.  The adjoint is the kernel gradient, ``j A`` =
+    ``sum_l j[o, l] patches[l, k]``; ``(A * A) s = conv(a^2, s)``."""
+
+    def __init__(self, inputs: Tensor, kernel_shape: tuple, out_shape: tuple, stride, padding, dilation,
+                 groups: int):
+        super().__init__(math.prod(out_shape), math.prod(kernel_shape), inputs)
+        self.rows = tuple(inputs.shape[:1])
+        self.inputs, self.kernel_shape, self.out_shape = inputs, tuple(kernel_shape), tuple(out_shape)
+        self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
+        self._patches: Tensor | None = None
+
+    def _grouped_patches(self) -> Tensor:
+        """``(N, L, groups, C_in / groups * k...)``."""
+        if self._patches is None:
+            p = patches(self.inputs, self.kernel_shape[2:], self.stride, self.padding, self.dilation)
+            self._patches = p.reshape(*p.shape[:2], self.groups, -1)
+        return self._patches
+
+    def rmatmul(self, j: Tensor) -> Tensor:
+        p = self._grouped_patches()
+        n, g = p.shape[0], self.groups
+        j = j.expand(n, *j.shape[-2:]) if j.dim() == 2 else j
+        r = j.shape[-2]
+        jr = j.reshape(n, r, g, self.kernel_shape[0] // g, -1)  # (N, r, G, C_out / G, L)
+        return torch.einsum("nrgol,nlgk->nrgok", jr, p).reshape(n, r, self.inp)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        p = self._grouped_patches()
+        n, g = p.shape[0], self.groups
+        x = x.expand(n, *x.shape[-2:]) if x.dim() == 2 else x
+        c = x.shape[-1]
+        xr = x.reshape(n, g, self.kernel_shape[0] // g, -1, c)  # (N, G, C_out / G, K, c)
+        out = torch.einsum("nlgk,ngokc->ngolc", p, xr)
+        return out.reshape(n, self.out, c)
+
+    def squared(self, v: Tensor) -> Tensor:
+        p = self._grouped_patches()
+        n, g = p.shape[0], self.groups
+        vr = v.reshape(-1, g, self.kernel_shape[0] // g, p.shape[-1])
+        out = torch.einsum("nlgk,mgok->ngol", p * p, vr) if vr.shape[0] == 1 else torch.einsum(
+            "nlgk,ngok->ngol", p * p, vr)
+        return out.reshape(n, self.out)
+
+
+class SeparableOperator(LinearOperator):
+    """One matrix ``(out_i, in_i)`` along each trailing spatial dim of ``(C, *spatial)``, channels kept: pooling by
+    averaging, resampling, padding, broadcasting a per-channel value over the positions."""
+
+    def __init__(self, matrices: list[Tensor], channels: int, like: Tensor):
+        outs, ins = [m.shape[0] for m in matrices], [m.shape[1] for m in matrices]
+        super().__init__(channels * math.prod(outs), channels * math.prod(ins), like)
+        self.matrices, self.channels, self.outs, self.ins = matrices, channels, outs, ins
+
+    def _along(self, t: Tensor, shape: list[int], matrices: list[Tensor], adjoint: bool) -> Tensor:
+        """``t`` (..., C * prod(shape)) with each matrix applied along its dim (its transpose: ``adjoint``)."""
+        lead = t.shape[:-1]
+        t = t.reshape(*lead, self.channels, *shape)
+        for i, m in enumerate(matrices):
+            dim = t.dim() - len(shape) + i
+            t = torch.movedim(torch.movedim(t, dim, -1) @ (m if adjoint else m.T), -1, dim)
+        return t.reshape(*lead, -1)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return self._along(x.mT, self.ins, self.matrices, False).mT
+
+    def rmatmul(self, j: Tensor) -> Tensor:
+        return self._along(j, self.outs, self.matrices, True)
+
+    def squared(self, v: Tensor) -> Tensor:
+        return self._along(v, self.ins, [m * m for m in self.matrices], False)
+
+
+class GatherOperator(LinearOperator):
+    """Per row, each output entry is one input entry (``index`` (N, out) into the flattened input): max pooling
+    linearised at the mean's winners.  ``A x`` gathers rows, ``j A`` scatters (adds) columns, ``(A * A) v``
+    gathers ``v``."""
+
+    def __init__(self, index: Tensor, inp: int, like: Tensor):
+        super().__init__(index.shape[-1], inp, like)
+        self.rows = tuple(index.shape[:-1])
+        self.index = index
+
+    def matmul(self, x: Tensor) -> Tensor:
+        x = x.expand(*self.rows, *x.shape[-2:]) if x.dim() == 2 else x
+        return torch.gather(x, -2, self.index.unsqueeze(-1).expand(*self.index.shape, x.shape[-1]))
+
+    def rmatmul(self, j: Tensor) -> Tensor:
+        j = j.expand(*self.rows, *j.shape[-2:]) if j.dim() == 2 else j
+        index = self.index.unsqueeze(-2).expand(*j.shape)
+        return j.new_zeros(*j.shape[:-1], self.inp).scatter_add(-1, index, j)
+
+    def squared(self, v: Tensor) -> Tensor:
+        v = v.expand(*self.rows, v.shape[-1]) if v.dim() == 1 else v
+        return torch.gather(v, -1, self.index.expand(*v.shape[:-1], self.index.shape[-1]))
+
+
+class SumOperator(LinearOperator):
+    """The sum of several maps with the same ends (the two paths of a skip connection, between the part of the map
+    they share inside and the part they share outside); each branch is a ``MatrixTangent``."""
+
+    def __init__(self, branches: list, out: int, inp: int, like: Tensor, rows: tuple):
+        super().__init__(out, inp, like)
+        self.branches, self.rows = branches, rows
+
+    def rmatmul(self, j: Tensor) -> Tensor:
+        parts = [b.rmatmul(j) for b in self.branches]
+        return sum(parts[1:], parts[0])
+
+    def matmul(self, x: Tensor) -> Tensor:
+        parts = [b.matmul(x) for b in self.branches]
+        return sum(parts[1:], parts[0])
