@@ -12,11 +12,14 @@ import operator
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .moment import (
-    Move, Moment, embedding_move, expand_move, merged, pad_move, permute_move, reshape_move, select_move, slice_move,
+    Move, Moment, embedding_move, expand_move, flat_map, maps_over_entries, merged, pad_move, permute_move,
+    reshape_move, select_move, slice_move,
 )
+from .operators import SeparableOperator
 from .registry import RuleContext, register
 from .shared_weight import Tags, permuted, regroup, transposed
 
@@ -116,9 +119,18 @@ def cat(ctx: RuleContext, tensors: list, dim: int = 0) -> Moment:
     ndim = mean.dim()
     axis = dim % ndim
     total, offset, terms = mean.shape[axis], 0, []
+    # full mode, operands carrying maps over their flattened entries (a convolution network's): as operators
+    over_images = ctx.keeps_maps and ndim >= 3 and axis >= 1 and any(
+        maps_over_entries(t, operator_found=True) for t in tensors) and all(
+        maps_over_entries(t) for t in tensors if isinstance(t, Moment))
     for t, m in zip(tensors, means):
         size = m.shape[axis]
-        if isinstance(t, Moment):
+        if isinstance(t, Moment) and over_images:
+            placed = F.pad(torch.eye(size, dtype=mean.dtype, device=mean.device), [0, 0, offset, total - offset - size])
+            operator = SeparableOperator([placed, *m.shape[axis + 1:]], m.shape[1:axis].numel(), m)
+            moved = flat_map(t, mean, operator)
+            terms.extend(moved.terms if isinstance(moved, Moment) else ())
+        elif isinstance(t, Moment):
             moved = t.moved(mean, pad_move(ndim, axis, offset, total - offset - size, size))
             terms.extend(moved.terms)
         offset = offset + size

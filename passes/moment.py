@@ -798,6 +798,28 @@ class Moment:
         return broadcast_to(_covariance(self.mean, self.terms), (*self.mean.shape, self.feature_size))
 
 
+def flat_map(x: Moment, mean: Tensor, operator: LinearOperator) -> "Moment | Tensor":
+    """``x`` (N, ...) with ``operator`` applied as one matrix map over all its entries but the batch dim
+    (flattened), laid out like ``mean`` (the plain op's): how full mode keeps a convolution network's maps exact
+    (the map of a random convolution reaches back to earlier layers through every channel and position)."""
+    flat_in = x.mean.reshape(x.mean.shape[0], -1)
+    moved = x.moved(flat_in, reshape_move(x.mean.shape, flat_in.shape))
+    if not is_random(moved):
+        return mean
+    flat_out = mean.reshape(mean.shape[0], -1)
+    mapped = moved.left_multiplied(flat_out, operator)
+    return mapped.moved(mean, reshape_move(flat_out.shape, mean.shape)) if is_random(mapped) else mean
+
+
+def maps_over_entries(x: object, operator_found: bool = False) -> bool:
+    """A random value whose matrix maps, if any, act on all its entries but the batch dim (operators, from
+    ``flat_map``), so that ``flat_map`` keeps them; a map over the last dim alone would be collapsed by the
+    flattening.  ``operator_found``: also require one such map."""
+    if not isinstance(x, Moment) or any(t.jacobian is not None and not t.jacobian.has_operator for t in x.terms):
+        return False
+    return not operator_found or any(t.jacobian is not None for t in x.terms)
+
+
 def is_random(value: object) -> bool:
     return isinstance(value, Moment)
 

@@ -168,19 +168,23 @@ class ConvolutionWeightOperator(LinearOperator):
 
 
 class SeparableOperator(LinearOperator):
-    """One matrix ``(out_i, in_i)`` along each trailing spatial dim of ``(C, *spatial)``, channels kept: pooling by
-    averaging, resampling, padding, broadcasting a per-channel value over the positions."""
+    """One matrix ``(out_i, in_i)`` along each trailing dim of ``(C, *dims)`` (an int ``n``: that dim is kept, the
+    identity), the leading ``C`` kept: pooling by averaging, resampling, padding, concatenation, broadcasting a
+    per-channel value over the positions."""
 
-    def __init__(self, matrices: list[Tensor], channels: int, like: Tensor):
-        outs, ins = [m.shape[0] for m in matrices], [m.shape[1] for m in matrices]
+    def __init__(self, matrices: list, channels: int, like: Tensor):
+        outs = [m if isinstance(m, int) else m.shape[0] for m in matrices]
+        ins = [m if isinstance(m, int) else m.shape[1] for m in matrices]
         super().__init__(channels * math.prod(outs), channels * math.prod(ins), like)
         self.matrices, self.channels, self.outs, self.ins = matrices, channels, outs, ins
 
-    def _along(self, t: Tensor, shape: list[int], matrices: list[Tensor], adjoint: bool) -> Tensor:
+    def _along(self, t: Tensor, shape: list[int], matrices: list, adjoint: bool) -> Tensor:
         """``t`` (..., C * prod(shape)) with each matrix applied along its dim (its transpose: ``adjoint``)."""
         lead = t.shape[:-1]
         t = t.reshape(*lead, self.channels, *shape)
         for i, m in enumerate(matrices):
+            if isinstance(m, int):
+                continue
             dim = t.dim() - len(shape) + i
             t = torch.movedim(torch.movedim(t, dim, -1) @ (m if adjoint else m.T), -1, dim)
         return t.reshape(*lead, -1)
@@ -192,7 +196,7 @@ class SeparableOperator(LinearOperator):
         return self._along(j, self.outs, self.matrices, True)
 
     def squared(self, v: Tensor) -> Tensor:
-        return self._along(v, self.ins, [m * m for m in self.matrices], False)
+        return self._along(v, self.ins, [m if isinstance(m, int) else m * m for m in self.matrices], False)
 
 
 class GatherOperator(LinearOperator):

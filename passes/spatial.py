@@ -35,12 +35,12 @@ from torch import Tensor
 
 from .elementwise import add, mul
 from .moment import (
-    Layout, MatrixTangent, Moment, Noise, Term, _numeric, broadcast_to, embedding_move, expand_move, is_random, mean_of, merged,
-    pad_move, permute_move, reshape_move, same_shape, slice_move,
+    Layout, MatrixTangent, Moment, Noise, Term, _numeric, broadcast_to, embedding_move, expand_move, flat_map,
+    is_random, maps_over_entries, mean_of, merged, pad_move, permute_move, reshape_move, same_shape, slice_move,
 )
 from .normalisation import _normalised_moment, _per_channel
 from .operators import (
-    ConvolutionOperator, ConvolutionWeightOperator, GatherOperator, LinearOperator, SeparableOperator,
+    ConvolutionOperator, ConvolutionWeightOperator, GatherOperator, SeparableOperator,
 )
 from .registry import RuleContext, register
 from .weights import KronNoise
@@ -78,23 +78,10 @@ def _matrix_1d(op_1d, n: int, like: Tensor) -> Tensor:
     return op_1d(_identity_images(n, like))[:, 0, :].T.contiguous()
 
 
-def flat_map(x: Moment, mean: Tensor, operator: LinearOperator) -> Moment:
-    """``x`` (N, ...) with ``operator`` applied as one matrix map over all its entries but the batch dim
-    (flattened), laid out like ``mean`` (the plain op's): how full mode keeps a convolution network's maps exact
-    (the map of a random convolution reaches back to earlier layers through every channel and position)."""
-    flat_in = x.mean.reshape(x.mean.shape[0], -1)
-    moved = x.moved(flat_in, reshape_move(x.mean.shape, flat_in.shape))
-    if not is_random(moved):
-        return mean
-    flat_out = mean.reshape(mean.shape[0], -1)
-    mapped = moved.left_multiplied(flat_out, operator)
-    return mapped.moved(mean, reshape_move(flat_out.shape, mean.shape)) if is_random(mapped) else mean
-
-
 def _keeps_maps_over_images(ctx: RuleContext, x, spatial: int) -> bool:
-    """Full mode on a batch of images (N, C, *spatial): the op is applied as an operator over the flattened
-    entries (``flat_map``)."""
-    return ctx.keeps_maps and is_random(x) and x.mean.dim() == spatial + 2 and spatial >= 1
+    """Full mode on a batch of images (N, C, *spatial) whose maps can be flattened (``maps_over_entries``): the op
+    is applied as an operator over the flattened entries (``flat_map``)."""
+    return ctx.keeps_maps and maps_over_entries(x) and x.mean.dim() == spatial + 2 and spatial >= 1
 
 
 def _spatial(x: Moment, mean: Tensor, matrices: list[Tensor], ctx: RuleContext | None = None) -> Moment:
