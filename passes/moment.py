@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .operators import LinearOperator, SumOperator, as_dense, left_times, right_times
+from .operators import LinearOperator, SeparableOperator, SumOperator, as_dense, left_times, right_times
 
 if TYPE_CHECKING:
     from .shared_weight import SharedNoise
@@ -803,12 +803,39 @@ def flat_map(x: Moment, mean: Tensor, operator: LinearOperator) -> "Moment | Ten
     (flattened), laid out like ``mean`` (the plain op's): how full mode keeps a convolution network's maps exact
     (the map of a random convolution reaches back to earlier layers through every channel and position)."""
     flat_in = x.mean.reshape(x.mean.shape[0], -1)
-    moved = x.moved(flat_in, reshape_move(x.mean.shape, flat_in.shape))
-    if not is_random(moved):
+    copies = [c for c in (_broadcast_copies(t, x.mean) for t in x.terms) if c is not None]
+    rest = [t for t in x.terms if _broadcast_copies(t, x.mean) is None]
+    moved = Moment(x.mean, tuple(rest)).moved(flat_in, reshape_move(x.mean.shape, flat_in.shape)) if rest else None
+    terms = copies + list(moved.terms if is_random(moved) else ())
+    if not terms:
         return mean
+    moved = Moment(flat_in, tuple(terms))
     flat_out = mean.reshape(mean.shape[0], -1)
     mapped = moved.left_multiplied(flat_out, operator)
     return mapped.moved(mean, reshape_move(flat_out.shape, mean.shape)) if is_random(mapped) else mean
+
+
+def _broadcast_copies(t: Term, mean: Tensor) -> Term | None:
+    """An elementwise term of per-channel copies (a (C,) parameter broadcast over a batch of images (N, C, ...),
+    as batch norm's scale and shift are) as the channel noise, one row per image, with a broadcast operator over
+    the flattened entries; None for any other term.  (Laid out as copies, its flattened entries would meet across
+    every pair of positions.)"""
+    if t.jacobian is not None or not t.layout.moves or t.layout.moves[-1][0].kind != "expand":
+        return None
+    shape_out, shape_in = t.layout.moves[-1][0].args
+    ndim = len(shape_out)
+    padded = (1,) * (ndim - len(shape_in)) + tuple(shape_in)
+    if ndim < 3 or not same_shape(shape_out, mean.shape) or not all(
+            statically_known_true(d == 1) for d in (padded[0], *padded[2:])) or not statically_known_true(
+            padded[1] == shape_out[1]):
+        return None
+    n, channels = shape_out[0], shape_out[1]
+    layout = Layout(t.layout.moves[:-1]).then(reshape_move(tuple(shape_in), (1, channels)))
+    layout = layout.then(expand_move((1, channels), (n, channels)))
+    ones = [torch.ones(size, 1, dtype=mean.dtype, device=mean.device) for size in shape_out[2:]]
+    scale = None if isinstance(t.scale, float) and t.scale == 1.0 else broadcast_to(
+        _numeric(t.scale, mean) * torch.ones_like(mean), mean.shape).reshape(n, -1)
+    return Term(t.noise, layout, MatrixTangent((SeparableOperator(ones, channels, mean),), (None, scale)))
 
 
 def maps_over_entries(x: object, operator_found: bool = False) -> bool:
@@ -1346,6 +1373,12 @@ def _covariance(mean: Tensor, terms: Sequence[Term]) -> Tensor:
 
 def _second_moments(mean: Tensor, terms: Sequence[Term], full: bool) -> Tensor | None:
     """Each term's (co)variance (terms that share a map pooled), plus the cross-covariances within noise groups."""
+    if not full and mean.dim() >= 3 and any(t.jacobian is not None and t.jacobian.has_operator for t in terms):
+        # maps over the flattened entries (a convolution network's): the variances there, laid out like the mean
+        flat = mean.reshape(mean.shape[0], -1)
+        moved = Moment(mean, tuple(terms)).moved(flat, reshape_move(mean.shape, flat.shape))
+        total = _second_moments(flat, moved.terms, False) if is_random(moved) else None
+        return None if total is None else total.reshape(mean.shape)
     terms = [s for s in (settled(t, mean) for t in _summed_weight_uses(list(terms), mean)) if s is not None]
     total = None
     for a in _pooled([t for t in terms if not _meets_across_rows(t, full)]):
