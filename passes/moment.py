@@ -236,6 +236,9 @@ def _composed(first: Move, second: Move) -> Move | None:
         if same_shape(shape_in, shape_out):
             return IDENTITY
         return reshape_move(shape_in, shape_out)
+    if first.kind == second.kind == "reshape" and first.rows_only != second.rows_only:  # value-shaped (tail 1)
+        shape_in, shape_out = first.args[0], second.args[1]
+        return IDENTITY if same_shape(shape_in, shape_out) else reshape_move(shape_in, shape_out)
     if first.kind == second.kind == "permute" and len(first.args[0]) == len(second.args[0]):
         dims = tuple(first.args[0][d] for d in second.args[0])
         return IDENTITY if dims == tuple(range(len(dims))) else permute_move(dims)

@@ -78,46 +78,52 @@ def _rows_first(t: Tensor, tail: int) -> tuple[Tensor, tuple]:
 class ConvolutionOperator(LinearOperator):
     """A convolution with a fixed kernel, from the flattened ``(C_in, *spatial_in)`` entries to ``(C_out,
     *spatial_out)``: ``A x = conv(x, W)``, ``j A = conv_transpose(j, W)`` (the output padding chosen so the
-    spatial size comes back), ``(A * A) v = conv(v, W^2)``."""
+    spatial size comes back), ``(A * A) v = conv(v, W^2)``; a transposed convolution the other way round."""
 
-    def __init__(self, kernel: Tensor, in_shape: tuple, out_shape: tuple, stride, padding, dilation, groups: int):
+    def __init__(self, kernel: Tensor, in_shape: tuple, out_shape: tuple, stride, padding, dilation, groups: int,
+                 transposed: bool = False, output_padding=None):
         super().__init__(math.prod(out_shape), math.prod(in_shape), kernel)
         self.kernel, self.in_shape, self.out_shape = kernel, tuple(in_shape), tuple(out_shape)
         self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
-        spatial = len(in_shape) - 1
-        self.output_padding = [
-            in_shape[1 + i] - ((out_shape[1 + i] - 1) * self.stride[i] - 2 * self.padding[i]
-                               + self.dilation[i] * (kernel.shape[2 + i] - 1) + 1) for i in range(spatial)]
+        self.transposed = transposed
+        # the output padding of the transposed direction: what brings the larger image's size back
+        small, large = (in_shape, out_shape) if transposed else (out_shape, in_shape)
+        self.output_padding = list(output_padding) if transposed else [
+            large[1 + i] - ((small[1 + i] - 1) * self.stride[i] - 2 * self.padding[i]
+                            + self.dilation[i] * (kernel.shape[2 + i] - 1) + 1) for i in range(len(in_shape) - 1)]
 
-    def _conv(self, images: Tensor, kernel: Tensor) -> Tensor:
-        return aten.convolution.default(images, kernel, None, self.stride, self.padding, self.dilation, False,
-                                        [0] * len(self.stride), self.groups)
+    def _op(self, images: Tensor, kernel: Tensor, transposed: bool) -> Tensor:
+        padding = self.output_padding if transposed else [0] * len(self.stride)
+        return aten.convolution.default(images, kernel, None, self.stride, self.padding, self.dilation, transposed,
+                                        padding, self.groups)
 
     def matmul(self, x: Tensor) -> Tensor:
-        columns = x.mT  # (..., c, in)
-        flat, lead = _rows_first(columns, 1)
-        out = self._conv(flat.reshape(-1, *self.in_shape), self.kernel)
+        flat, lead = _rows_first(x.mT, 1)
+        out = self._op(flat.reshape(-1, *self.in_shape), self.kernel, self.transposed)
         return out.reshape(*lead, self.out).mT
 
     def rmatmul(self, j: Tensor) -> Tensor:
         flat, lead = _rows_first(j, 1)
-        out = aten.convolution.default(flat.reshape(-1, *self.out_shape), self.kernel, None, self.stride,
-                                       self.padding, self.dilation, True, self.output_padding, self.groups)
+        out = self._op(flat.reshape(-1, *self.out_shape), self.kernel, not self.transposed)
         return out.reshape(*lead, self.inp)
 
     def squared(self, v: Tensor) -> Tensor:
         flat, lead = _rows_first(v, 1)
-        out = self._conv(flat.reshape(-1, *self.in_shape), self.kernel * self.kernel)
+        out = self._op(flat.reshape(-1, *self.in_shape), self.kernel * self.kernel, self.transposed)
         return out.reshape(*lead, self.out)
 
 
-def patches(images: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
-    """The input patch of every output location, ``(N, L, C_in * k...)`` (PyTorch's ``unfold``; a 1-d image as a
-    2-d image of height 1)."""
+def _as_2d(images: Tensor, kernel_size, stride, padding, dilation) -> tuple:
+    """A 1-d convolution's arguments as a 2-d one's (an image of height 1)."""
     if images.dim() == 3:
-        images, kernel_size = images.unsqueeze(2), (1, *kernel_size)
-        stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
-    return F.unfold(images, tuple(kernel_size), tuple(dilation), tuple(padding), tuple(stride)).mT
+        return images.unsqueeze(2), (1, *kernel_size), (1, *stride), (0, *padding), (1, *dilation)
+    return images, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)
+
+
+def patches(images: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
+    """The input patch of every output location, ``(N, L, C_in * k...)`` (PyTorch's ``unfold``)."""
+    images, kernel_size, stride, padding, dilation = _as_2d(images, kernel_size, stride, padding, dilation)
+    return F.unfold(images, kernel_size, dilation, padding, stride).mT
 
 
 class ConvolutionWeightOperator(LinearOperator):
@@ -165,6 +171,59 @@ class ConvolutionWeightOperator(LinearOperator):
         out = torch.einsum("nlgk,mgok->ngol", p * p, vr) if vr.shape[0] == 1 else torch.einsum(
             "nlgk,ngok->ngol", p * p, vr)
         return out.reshape(n, self.out)
+
+
+class TransposedConvolutionWeightOperator(LinearOperator):
+    """The weight noise of a transposed convolution applied to each row's mean input ``a``: from the kernel's
+    entries ``(C_in, C_out / groups, k...)`` to the output's ``(C_out, *spatial_out)``: ``A dW =
+    conv_transpose(a, dW)``, the fold (``col2im``) of ``dW^T a`` per group.  The adjoint is the kernel gradient,
+    ``sum_p a[i, p] unfold(j)[(o, k), p]``; ``(A * A) s = conv_transpose(a^2, s)`` (``s``: the kernel's
+    variances, one for every row)."""
+
+    def __init__(self, inputs: Tensor, kernel_shape: tuple, out_shape: tuple, stride, padding, dilation,
+                 groups: int, output_padding):
+        super().__init__(math.prod(out_shape), math.prod(kernel_shape), inputs)
+        self.rows = tuple(inputs.shape[:1])
+        self.inputs, self.kernel_shape, self.out_shape = inputs, tuple(kernel_shape), tuple(out_shape)
+        self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
+        self.output_padding = list(output_padding)
+
+    def _grouped_inputs(self) -> Tensor:
+        """``(N, G, C_in / G, positions)``."""
+        return self.inputs.reshape(self.inputs.shape[0], self.groups, self.kernel_shape[0] // self.groups, -1)
+
+    def _fold_args(self) -> tuple:
+        out = self.out_shape[1:]
+        _, kernel, stride, padding, dilation = _as_2d(self.inputs, self.kernel_shape[2:], self.stride, self.padding,
+                                                      self.dilation)
+        return ((1, *out) if len(out) == 1 else tuple(out)), kernel, dilation, padding, stride
+
+    def rmatmul(self, j: Tensor) -> Tensor:
+        a = self._grouped_inputs()
+        n, g, r = a.shape[0], self.groups, j.shape[-2]
+        j = j.expand(n, *j.shape[-2:]) if j.dim() == 2 else j
+        size, kernel, dilation, padding, stride = self._fold_args()
+        images = j.reshape(n * r, self.out_shape[0], *size)
+        unfolded = F.unfold(images, kernel, dilation, padding, stride)  # (N r, C_out k, positions)
+        unfolded = unfolded.reshape(n, r, g, self.kernel_shape[1], math.prod(kernel), -1)
+        return torch.einsum("ngip,nrgokp->nrgiok", a, unfolded).reshape(n, r, self.inp)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        a = self._grouped_inputs()
+        n, g = a.shape[0], self.groups
+        x = x.expand(n, *x.shape[-2:]) if x.dim() == 2 else x
+        c = x.shape[-1]
+        size, kernel, dilation, padding, stride = self._fold_args()
+        kernels = x.reshape(n, g, self.kernel_shape[0] // g, self.kernel_shape[1], math.prod(kernel), c)
+        columns = torch.einsum("ngip,ngiokc->ncgokp", a, kernels).reshape(n * c, -1, a.shape[-1])
+        out = F.fold(columns, size, kernel, dilation, padding, stride)
+        return out.reshape(n, c, self.out).mT
+
+    def squared(self, v: Tensor) -> Tensor:
+        kernel = v.reshape(-1, *self.kernel_shape)[0]
+        out = aten.convolution.default(self.inputs * self.inputs, kernel, None, self.stride, self.padding,
+                                       self.dilation, True, self.output_padding, self.groups)
+        return out.reshape(out.shape[0], -1)
 
 
 class SeparableOperator(LinearOperator):
@@ -238,3 +297,32 @@ class SumOperator(LinearOperator):
     def matmul(self, x: Tensor) -> Tensor:
         parts = [b.matmul(x) for b in self.branches]
         return sum(parts[1:], parts[0])
+
+
+class StandardisationOperator(LinearOperator):
+    """Per row, the Jacobian of standardising each of ``groups`` consecutive blocks of the flattened entries (n
+    each), at the mean: ``J = (I - 1 1^T / n - z z^T / n) / sigma`` per block (symmetric; GroupNorm over
+    ``C / groups x positions``).  ``(J * J) v`` is LayerNorm's closed form."""
+
+    def __init__(self, z: Tensor, inv_std: Tensor):
+        n, groups, size = z.shape
+        super().__init__(groups * size, groups * size, z)
+        self.rows = (n,)
+        self.z, self.inv_std = z.unsqueeze(1), inv_std.reshape(n, 1, groups, 1)  # (N, 1, G, n), (N, 1, G, 1)
+
+    def rmatmul(self, j: Tensor) -> Tensor:
+        j = j.expand(*self.rows, *j.shape[-2:]) if j.dim() == 2 else j
+        blocks = j.reshape(*j.shape[:-1], *self.z.shape[-2:])
+        out = blocks - blocks.mean(-1, keepdim=True) - self.z * (blocks * self.z).mean(-1, keepdim=True)
+        return (out * self.inv_std).reshape(j.shape)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        return self.rmatmul(x.mT).mT
+
+    def squared(self, v: Tensor) -> Tensor:
+        z, size = self.z[:, 0], self.z.shape[-1]
+        v = v.expand(self.rows[0], v.shape[-1]) if v.dim() == 1 else v
+        v = v.reshape(z.shape)
+        s0, s1, s2 = v.sum(-1, keepdim=True), (z * v).sum(-1, keepdim=True), (z * z * v).sum(-1, keepdim=True)
+        out = v * (1.0 - 2.0 * (1.0 + z * z) / size) + (s0 + 2.0 * z * s1 + z * z * s2) / (size * size)
+        return (out * self.inv_std[:, 0] ** 2).reshape(self.rows[0], -1)

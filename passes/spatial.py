@@ -40,7 +40,8 @@ from .moment import (
 )
 from .normalisation import _normalised_moment, _per_channel
 from .operators import (
-    ConvolutionOperator, ConvolutionWeightOperator, GatherOperator, SeparableOperator,
+    ConvolutionOperator, ConvolutionWeightOperator, GatherOperator, SeparableOperator, StandardisationOperator,
+    TransposedConvolutionWeightOperator,
 )
 from .registry import RuleContext, register
 from .weights import KronNoise
@@ -377,8 +378,9 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
 
     x_mean, w_mean = mean_of(x), mean_of(weight)
     mean = conv(x_mean, w_mean, mean_of(bias))
-    if _exact_convolution(ctx, x_mean, weight, transposed):
-        return _convolution_maps(ctx, x, weight, bias, mean, conv, stride, padding, dilation, groups)
+    if _exact_convolution(ctx, x_mean, weight):
+        return _convolution_maps(ctx, x, weight, bias, mean, conv, stride, padding, dilation, transposed,
+                                 output_padding, groups)
     inputs, kernels = [], []  # the variance is the sum of conv(input, kernel) over these pairs
     x_var = x.variance() if is_random(x) else None
     if x_var is not None:
@@ -407,15 +409,15 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
     return merged(mean, terms)
 
 
-def _exact_convolution(ctx: RuleContext, x_mean: Tensor, weight, transposed: bool) -> bool:
-    """Full mode keeps a convolution's maps (1-d and 2-d, not transposed, a weight with independent entries)."""
+def _exact_convolution(ctx: RuleContext, x_mean: Tensor, weight) -> bool:
+    """Full mode keeps a convolution's maps (1-d and 2-d, a weight with independent entries)."""
     plain_weight = not is_random(weight) or all(
         t.jacobian is None and type(t.noise) is Noise for t in weight.terms)
-    return ctx.keeps_maps and not transposed and x_mean.dim() in (3, 4) and plain_weight
+    return ctx.keeps_maps and x_mean.dim() in (3, 4) and plain_weight
 
 
 def _convolution_maps(ctx: RuleContext, x, weight, bias, mean: Tensor, conv, stride, padding, dilation,
-                      groups: int) -> Moment | Tensor:
+                      transposed: bool, output_padding, groups: int) -> Moment | Tensor:
     """Full mode: the convolution as a linear map over the flattened entries (exact maps).  The input's maps go
     through :class:`ConvolutionOperator` (the mean kernel), the weight noise through
     :class:`ConvolutionWeightOperator` (the mean input's patches; every position uses the same kernel noise), the
@@ -426,14 +428,17 @@ def _convolution_maps(ctx: RuleContext, x, weight, bias, mean: Tensor, conv, str
     flat_out = mean.reshape(n, -1)
     terms: list[Term] = []
     if is_random(x):
-        operator = ConvolutionOperator(w_mean, x_mean.shape[1:], mean.shape[1:], stride, padding, dilation, groups)
+        operator = ConvolutionOperator(w_mean, x_mean.shape[1:], mean.shape[1:], stride, padding, dilation, groups,
+                                       transposed, output_padding)
         mapped = flat_map(x, mean, operator)
         if is_random(mapped):
             terms.extend(mapped.terms)
         if is_random(weight) and not ctx.first_order:
             terms.append(Term(Noise(conv(x.variance(), weight.variance()))))
     if is_random(weight):
-        operator = ConvolutionWeightOperator(x_mean, w_mean.shape, mean.shape[1:], stride, padding, dilation, groups)
+        operator = TransposedConvolutionWeightOperator(
+            x_mean, w_mean.shape, mean.shape[1:], stride, padding, dilation, groups, output_padding) if transposed \
+            else ConvolutionWeightOperator(x_mean, w_mean.shape, mean.shape[1:], stride, padding, dilation, groups)
         flat_kernel = (w_mean.numel(),)
         for t in weight.terms:
             layout = t.layout.then(reshape_move(w_mean.shape, flat_kernel))
@@ -491,7 +496,8 @@ def _affine(ctx: RuleContext, z, weight, bias, mean: Tensor):
 def native_group_norm(ctx: RuleContext, x, weight, bias, n: int, channels: int, spatial: int, groups: int,
                       eps: float):
     """GroupNorm linearised at the mean input with its statistics (LayerNorm's rule over each group's
-    ``channels / groups x spatial`` entries, in its closed form: one fresh noise), then the per-channel affine."""
+    ``channels / groups x spatial`` entries: in full mode the Jacobian as an operator over the flattened entries,
+    else its closed form, one fresh noise), then the per-channel affine."""
     x_mean = mean_of(x)
     out_mean, centre, inv_std = aten.native_group_norm.default(x_mean, mean_of(weight), mean_of(bias), n, channels,
                                                                spatial, groups, eps)
@@ -499,7 +505,9 @@ def native_group_norm(ctx: RuleContext, x, weight, bias, n: int, channels: int, 
     stats_inv_std = torch.rsqrt(grouped_mean.var(-1, unbiased=False, keepdim=True) + eps)
     z = (grouped_mean - grouped_mean.mean(-1, keepdim=True)) * stats_inv_std
     out = z.reshape(x_mean.shape)
-    if is_random(x):
+    if _keeps_maps_over_images(ctx, x, x_mean.dim() - 2):  # the centring and scaling of each group as an operator
+        out = flat_map(x, out, StandardisationOperator(z, stats_inv_std))
+    elif is_random(x):
         grouped = Moment.diagonal(grouped_mean, x.variance().reshape(grouped_mean.shape))
         out = Moment.diagonal(out, _normalised_moment(grouped, z, stats_inv_std, (-1,), False).variance().reshape(
             x_mean.shape))

@@ -287,3 +287,86 @@ def make_cnn(name: str, seed: int = 0) -> nn.Module:
 def cnn_input(name: str, batch: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     shape = (batch, 3, size) if name == "conv1d" else (batch, 1, size, size)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+class _Skip(nn.Module):
+    """``x + body(x)`` (a residual connection; the body keeps the shape)."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class _Concat(nn.Module):
+    """``cat([x, body(x)], channels)`` (a U-Net's skip; the body keeps the spatial size)."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return torch.cat([x, self.body(x)], 1)
+
+
+def random_cnn(seed: int) -> tuple[nn.Module, tuple[int, ...]]:
+    """A seeded random convolutional network for 2-d (or 1-d) images and its input shape (without the batch): 2-4
+    layers drawn from convolutions (stride, padding, dilation, groups, transposed), activations, batch and group
+    norm, max and average pooling, padding, upsampling, residual and concatenating skips; then a global average
+    pool and a linear head of 3 outputs."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    dims = pick([1, 2, 2])
+    conv_cls, convt_cls = (nn.Conv1d, nn.ConvTranspose1d) if dims == 1 else (nn.Conv2d, nn.ConvTranspose2d)
+    torch.manual_seed(seed)
+    channels, size, layers = 2, 9, []
+    for _ in range(int(torch.randint(2, 5, (1,), generator=g))):
+        kind = pick(["conv", "conv", "transposed", "norm", "pool", "pad", "upsample", "skip", "concat"])
+        if kind == "conv" or size < 4:
+            out = pick([2, 4])
+            groups = pick([1, 2]) if out % 2 == 0 and channels % 2 == 0 else 1
+            stride, dilation = pick([1, 1, 2]), pick([1, 2])
+            kernel = pick([1, 2, 3])
+            padding = pick([0, 1])
+            if size + 2 * padding - dilation * (kernel - 1) < 1:
+                padding = kernel
+            layers += [conv_cls(channels, out, kernel, stride, padding, dilation, groups), pick(
+                [nn.ReLU(), nn.Tanh(), nn.Hardtanh(0, 6), nn.Identity()])]
+            size, channels = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1, out
+        elif kind == "transposed":
+            stride = pick([1, 2])
+            layers += [convt_cls(channels, 2, 2, stride, output_padding=stride - 1), nn.Tanh()]
+            size, channels = (size - 1) * stride + 2 + stride - 1, 2
+        elif kind == "norm":
+            layers.append(nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels))
+            if channels % 2 == 0 and pick([True, False]):
+                layers.append(nn.GroupNorm(2, channels))
+        elif kind == "pool":
+            pool = pick(["max", "avg"])
+            layers.append({("max", 1): nn.MaxPool1d(2), ("max", 2): nn.MaxPool2d(2), ("avg", 1): nn.AvgPool1d(2),
+                           ("avg", 2): nn.AvgPool2d(2)}[(pool, dims)])
+            size //= 2
+        elif kind == "pad":
+            layers.append(nn.ConstantPad1d((1, 0), 0.0) if dims == 1 else nn.ZeroPad2d((0, 1, 1, 0)))
+            size += 1
+        elif kind == "upsample":
+            layers.append(nn.Upsample(scale_factor=2, mode=pick(["nearest", "linear" if dims == 1 else "bilinear"])))
+            size *= 2
+        elif kind == "skip":
+            layers.append(_Skip(nn.Sequential(conv_cls(channels, channels, 3, padding=1), nn.ReLU())))
+        else:
+            layers.append(_Concat(conv_cls(channels, 2, 3, padding=1)))
+            channels += 2
+    pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
+    model = nn.Sequential(*layers, pool, nn.Flatten(), nn.Linear(channels, 3))
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.eval(), ((2, 9) if dims == 1 else (2, 9, 9))

@@ -189,14 +189,11 @@ UNREACHED_REASONS = {
 }
 
 IMAGES = {1: (2, 16), 2: (2, 4, 4), 3: (2, 2, 2, 4)}  # the random value (B, 32) viewed as a 1-3 d image
-MC_ONNX = ("mc", "onnx")  # a rule exact in its marginal variances only (no jacobian check in full mode)
 
 
-def spatial(op, fn, *, oracles=MC_ONNX, name: str = "", dims: int = 2, trunk: str = "shallow", **kw) -> OpInfo:
+def spatial(op, fn, *, oracles=ALL, name: str = "", dims: int = 2, trunk: str = "shallow", **kw) -> OpInfo:
     """``fn(sample, image)`` on a random image of ``dims`` spatial dims with independent entries, flattened to
-    ``(B, features)``.  Checked against Monte Carlo (and ONNX Runtime) only: in full mode a linear map along an
-    image dim other than the last collapses the matrix maps over the last dim (``passes/spatial.py``), so the
-    jacobian check does not hold there."""
+    ``(B, features)``.  In full mode the op is a map over the image's flattened entries (``flat_map``), exact."""
     def forward(s, x):
         image = s.value(x).view(-1, *IMAGES[dims])
         return fn(s, image).flatten(1)
@@ -425,11 +422,11 @@ TABLE: list[OpInfo] = [
     spatial(aten.upsample_trilinear3d.vec, lambda s, t: F.interpolate(t, scale_factor=2, mode="trilinear"), dims=3),
     spatial(aten.mean.dim, lambda s, t: t.mean((2, 3))),
     spatial(aten.mean.dim, lambda s, t: t.mean(1, keepdim=True), name="channels_keepdim"),
-    spatial(aten.mean.dim, lambda s, t: t.mean((-2, -1), keepdim=True), name="global_pool_keepdim", oracles=ALL),
+    spatial(aten.mean.dim, lambda s, t: t.mean((-2, -1), keepdim=True), name="global_pool_keepdim"),
     # a random per-channel scale and shift (batch norm) broadcast over the positions, then pooled: copies of one entry
     spatial(aten.mean.dim, lambda s, t: torch.relu(s.extra["norm"](t)).mean((2, 3)), name="global_pool_of_copies",
-            oracles=ALL, extra={"norm": nn.BatchNorm2d(2)}),
-    spatial(aten.sum.dim_IntList, lambda s, t: s.extra["norm"](t).sum((1, 3)), name="copies", oracles=ALL,
+            extra={"norm": nn.BatchNorm2d(2)}),
+    spatial(aten.sum.dim_IntList, lambda s, t: s.extra["norm"](t).sum((1, 3)), name="copies",
             extra={"norm": nn.BatchNorm2d(2)}),
     spatial(aten.sum.dim_IntList, lambda s, t: t.sum(-2)),
     spatial(aten.constant_pad_nd.default, lambda s, t: F.pad(t, (1, 2, 0, -1))),
@@ -469,6 +466,12 @@ XFAIL_TODAY: dict[tuple[str, str], str] = {
     ("jacobian", "_embedding_bag.default[random per-sample weights]"):
         "a weight shared by a row's features, summed over the rows (a map along dim 0, then moved back: `along`'s "
         "collapse, as for sum.dim_IntList[copies]) loses the features' covariance: error 35%, ratio 7.8e3",
+    ("jacobian", "convolution.default[conv3d]"):
+        "full mode keeps the maps of 1-d and 2-d convolutions (the kernel noise's patches come from unfold, which is "
+        "2-d); a 3-d one is the paper's rule, its outputs independent across positions: error 35%, ratio 1.7e4",
+    ("jacobian", "_native_batch_norm_legit.no_stats[instance_norm]"):
+        "InstanceNorm exports with the batch folded into the channels, which maps over each image's flattened "
+        "entries cannot follow; it is linearised as a fresh noise: error 9.4%, ratio 5.5e3",
     ("mc", "cumsum.default[rows]"):
         "diag mode (the paper's) gives a linear layer's weight noise a fresh noise per row, so a map along the rows "
         "misses their shared weight noise: median error 39% (full mode is exact: the jacobian check)",
