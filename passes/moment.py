@@ -236,7 +236,8 @@ def _composed(first: Move, second: Move) -> Move | None:
         if same_shape(shape_in, shape_out):
             return IDENTITY
         return reshape_move(shape_in, shape_out)
-    if first.kind == second.kind == "reshape" and first.rows_only != second.rows_only:  # value-shaped (tail 1)
+    if first.kind == second.kind == "reshape" and first.rows_only != second.rows_only and same_shape(
+            first.args[1], second.args[0]):  # one value-shaped tensor reshaped twice
         shape_in, shape_out = first.args[0], second.args[1]
         return IDENTITY if same_shape(shape_in, shape_out) else reshape_move(shape_in, shape_out)
     if first.kind == second.kind == "permute" and len(first.args[0]) == len(second.args[0]):

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 
@@ -51,8 +52,10 @@ class LinearOperator:
         return ((dense * dense) @ v.unsqueeze(-1)).squeeze(-1)
 
     def dense(self) -> Tensor:
-        eye = torch.eye(self.out, dtype=self.dtype, device=self.device)
-        return self.rmatmul(eye)
+        """The matrix, from whichever end is smaller (the op applied to the identity's columns or rows)."""
+        if statically_known_true(self.inp < self.out):
+            return self.matmul(torch.eye(self.inp, dtype=self.dtype, device=self.device))
+        return self.rmatmul(torch.eye(self.out, dtype=self.dtype, device=self.device))
 
 
 def right_times(j: Tensor, factor) -> Tensor:
