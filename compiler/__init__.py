@@ -103,7 +103,10 @@ def compile(
         example_inputs: tensors for one call ``model(*example_inputs)``; dim 0 is the (dynamic) batch.
         covariance: ``"diag"`` (variances) or ``"full"`` (covariance over the last dim, per sample).  Default:
             ``"full"`` where it is cheap (a vector output of at most 128 features, no layer wider than 512, no
-            attention), else ``"diag"``; ``cm.info.options.automatic`` names the options chosen by default.
+            attention; with random convolution kernels only under the GLM with linearised activations and at most
+            30,000 outputs x random kernel entries, as LeNet-5's), else ``"diag"``.  Full mode carries convolutions
+            exactly (maps over each image's flattened entries, applied as the convolutions themselves).
+            ``cm.info.options.automatic`` names the options chosen by default.
         likelihood: ``"classification"`` (probit head), ``"regression"`` (observation noise) or None.
         sigma_noise: regression observation noise standard deviation.
         output_covariance: in diag mode, return the full covariance of the final layer's output.
@@ -234,8 +237,11 @@ def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: 
             program = capture(model, inputs)
         if "covariance" in automatic:
             widest = max((p.shape[0] for p in model.parameters() if p.dim()), default=1)
+            kernels = sum(m.weight.numel() for name, m in model.named_modules() if isinstance(
+                m, nn.modules.conv._ConvNd) and f"{name}.weight" in variances)
             options = dataclasses.replace(options, covariance=default_covariance(
-                output_shape(program.graph), widest, has_attention(program.graph)))
+                output_shape(program.graph), widest, has_attention(program.graph), kernels,
+                options.predictive == "glm" and options.activations == "linearised"))
         if "link" in automatic:
             options = dataclasses.replace(options, link=default_link(
                 options.likelihood, options.predictive, output_shape(program.graph)))

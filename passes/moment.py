@@ -600,6 +600,20 @@ class MatrixTangent:
                 j = left_times(m, j if d is None else _row(d) * j)
         return j if diagonals[-1] is None else _row(diagonals[-1]) * j
 
+    def squared(self, v: Tensor) -> Tensor:
+        """``(J * J) v`` propagated factor by factor, ``(d_k^2) (F_k * F_k) ... (F_1 * F_1) (d_0^2) v``: exact for one
+        factor; through several it drops the cross terms of the inner factors (the diagonal mode's rule)."""
+        for i, m in enumerate(self.matrices):
+            d = self.diagonals[i]
+            if d is not None:
+                v = v * _squared(_numeric(d, v))
+            if isinstance(m, LinearOperator):
+                v = m.squared(v)
+            else:
+                v = v @ (m * m).mT if m.dim() == 2 else ((m * m) @ v.unsqueeze(-1)).squeeze(-1)
+        last = self.diagonals[-1]
+        return v if last is None else v * _squared(_numeric(last, v))
+
     @property
     def has_operator(self) -> bool:
         return any(isinstance(m, LinearOperator) for m in self.matrices)
@@ -796,6 +810,22 @@ class Moment:
     def variance(self) -> Tensor:
         """Elementwise variance, shaped like ``mean``."""
         return broadcast_to(_variance(self.mean, self.terms), self.mean.shape)
+
+    @property
+    def has_operator_maps(self) -> bool:
+        return any(t.jacobian is not None and t.jacobian.has_operator for t in self.terms)
+
+    def second_order_variance(self) -> Tensor:
+        """The input variance of the paper's second-order term (``v_a S``): exact, except that maps through
+        operators (a convolution network's, full mode) are propagated factor by factor, ``(A * A) v``, as the
+        diagonal mode does (their exact variance would form each image's Jacobian at every layer)."""
+        through = [t for t in self.terms if t.jacobian is not None and t.jacobian.has_operator]
+        rest = [t for t in self.terms if t.jacobian is None or not t.jacobian.has_operator]
+        total = Moment(self.mean, tuple(rest)).variance() if rest else torch.zeros_like(self.mean)
+        for t in through:
+            flat = t.jacobian.squared(t.layout.apply(t.noise.variance))
+            total = total + _times(_squared(t.scale), t.after.apply(flat))
+        return total
 
     def covariance(self) -> Tensor:
         """Covariance over the last dimension, ``mean.shape + (C,)``."""

@@ -293,6 +293,12 @@ class SumOperator(LinearOperator):
         super().__init__(out, inp, like)
         self.branches, self.rows = branches, rows
 
+    def squared(self, v: Tensor) -> Tensor:
+        """Each branch's ``(B * B) v`` summed: the cross terms of the branches dropped (used for the second-order
+        term's input variance only, ``Moment.second_order_variance``)."""
+        parts = [b.squared(v) for b in self.branches]
+        return sum(parts[1:], parts[0])
+
     def rmatmul(self, j: Tensor) -> Tensor:
         parts = [b.rmatmul(j) for b in self.branches]
         return sum(parts[1:], parts[0])

@@ -1,8 +1,9 @@
 """passes/spatial.py on whole convolutional networks (the single ops are in the op table).
 
 Every architecture of the convolution issue compiles with every weight random, its mean is the plain forward
-pass and ONNX Runtime equals torch at another batch size; Monte Carlo over the weights is the oracle of the
-variance; a last-layer laplace-torch posterior on a CNN gives laplace-torch's own GLM predictive.
+pass and ONNX Runtime equals torch at another batch size; full mode with the GLM is autograd's ``J S J^T`` on them
+and on generated networks; Monte Carlo over the weights is the oracle of the variance; a last-layer laplace-torch
+posterior on a CNN gives laplace-torch's own GLM predictive.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import momentprop as mp
-from exact_oracle import median_relative_error, monte_carlo_moments
-from oracles import cnn_input, make_cnn, random_posterior
+from exact_oracle import assert_close64, jacobian_covariance, median_relative_error, monte_carlo_moments
+from oracles import cnn_input, make_cnn, random_cnn, random_posterior
 
 ARCHITECTURES = ["lenet", "resnet", "unet", "mobile", "conv1d"]
 
@@ -26,7 +27,9 @@ ARCHITECTURES = ["lenet", "resnet", "unet", "mobile", "conv1d"]
 def test_every_weight_random_compiles_with_the_plain_mean_and_runs_in_onnx_runtime(tmp_path, name, covariance):
     model = make_cnn(name)
     x = cnn_input(name, 2)
-    cm = mp.compile(model, random_posterior(model, 1e-4), (x,), covariance=covariance)
+    # full mode under suq (its second-order terms) on LeNet; the others' suq graphs take minutes to export
+    predictive = "glm" if covariance == "full" and name != "lenet" else "suq"
+    cm = mp.compile(model, random_posterior(model, 1e-4), (x,), covariance=covariance, predictive=predictive)
     mean, var = cm(x)
     with torch.no_grad():
         torch.testing.assert_close(mean, model(x), rtol=1e-5, atol=1e-6)
@@ -38,6 +41,66 @@ def test_every_weight_random_compiles_with_the_plain_mean_and_runs_in_onnx_runti
     np.testing.assert_allclose(out["mean"], mean2.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out["covariance" if covariance == "full" else "variance"], var2.numpy(),
                                rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", [
+    "lenet", "resnet", "unet", "conv1d",
+    pytest.param("mobile", marks=pytest.mark.xfail(reason=(
+        "InstanceNorm exports with the batch folded into the channels, which maps over each image's entries cannot "
+        "follow (linearised as a fresh noise): measured 101% of max|cov|"), strict=False)),
+])
+def test_glm_full_is_the_jacobian_covariance(name):
+    """Full mode carries convolutions, pooling, padding, resampling, skips and group norm as maps over each
+    image's flattened entries: with the GLM it is exactly ``J S J^T`` (every weight random)."""
+    model = make_cnn(name)
+    x = cnn_input(name, 2)
+    posterior = random_posterior(model, 1e-3)
+    _, cov = mp.compile(model, posterior, (x,), covariance="full", predictive="glm")(x)
+    _, expected = jacobian_covariance(model, posterior, x)
+    assert_close64(cov, expected, what=name)
+
+
+GENERATED = range(24)
+
+
+@pytest.mark.parametrize("seed", [s if s % 6 == 0 else pytest.param(s, marks=pytest.mark.slow) for s in GENERATED])
+def test_glm_full_is_the_jacobian_covariance_on_generated_cnns(seed):
+    """Seeded random networks (``oracles.random_cnn``: 1-d and 2-d, strided, dilated, grouped and transposed
+    convolutions, norms, pooling, padding, upsampling, residual and concatenating skips) against autograd; diag
+    mode compiles them too, with the plain mean."""
+    model, shape = random_cnn(seed)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
+    posterior = random_posterior(model, 1e-3, seed=seed)
+    mean, cov = mp.compile(model, posterior, (x,), covariance="full", predictive="glm")(x)
+    _, expected = jacobian_covariance(model, posterior, x)
+    assert_close64(cov, expected, what=str(model))
+    diag_mean, diag_var = mp.compile(model, posterior, (x,), covariance="diag")(x)
+    with torch.no_grad():
+        torch.testing.assert_close(diag_mean, model(x), rtol=1e-5, atol=1e-6)
+    assert (diag_var > 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lenet", "resnet"])
+def test_full_variance_is_within_15_percent_of_monte_carlo_at_small_variance(name):
+    model = make_cnn(name)
+    x = cnn_input(name, 4)
+    posterior = random_posterior(model, 1e-5)
+    _, cov = mp.compile(model, posterior, (x,), covariance="full", predictive="suq")(x)
+    _, mc_var, _ = monte_carlo_moments(model, posterior, x, n_samples=4000, seed=2)
+    assert median_relative_error(cov.diagonal(dim1=-2, dim2=-1).double(), mc_var) < 0.15
+
+
+def test_full_covariance_is_the_default_only_where_random_convolutions_are_cheap():
+    """LeNet-5 (10 outputs x 2,550 kernel entries) under the GLM gets full mode; under the paper's predictive, or
+    with the kernels fixed and only the head random, the choice is the usual one."""
+    model = make_cnn("lenet")
+    x = cnn_input("lenet", 2)
+    every = random_posterior(model, 1e-4)
+    assert mp.compile(model, every, (x,), predictive="glm").info.options.covariance == "full"
+    assert mp.compile(model, every, (x,), predictive="suq").info.options.covariance == "diag"
+    head = random_posterior(model, 1e-4, names={"9.weight", "9.bias"})
+    assert mp.compile(model, head, (x,), predictive="suq").info.options.covariance == "full"
 
 
 SHARED_KERNEL = ("a random convolution's outputs share its kernel noise, and the rule takes them independent, so a "
