@@ -72,6 +72,11 @@ def as_dense(factor) -> Tensor:
     return factor.dense() if isinstance(factor, LinearOperator) else factor
 
 
+def per_row(t: Tensor, rows: tuple, tail: int = 2) -> Tensor:
+    """``t`` with the operator's rows in front where it has none (a matrix or vector shared by every row)."""
+    return t.expand(*rows, *t.shape[t.dim() - tail:]) if t.dim() == tail else t
+
+
 def _rows_first(t: Tensor, tail: int) -> tuple[Tensor, tuple]:
     """``t`` with every dim but its last ``tail`` folded into one (the leading shape returned)."""
     lead = tuple(t.shape[:t.dim() - tail])
@@ -153,7 +158,7 @@ class ConvolutionWeightOperator(LinearOperator):
     def rmatmul(self, j: Tensor) -> Tensor:
         p = self._grouped_patches()
         n, g = p.shape[0], self.groups
-        j = j.expand(n, *j.shape[-2:]) if j.dim() == 2 else j
+        j = per_row(j, (n,))
         r = j.shape[-2]
         jr = j.reshape(n, r, g, self.kernel_shape[0] // g, -1)  # (N, r, G, C_out / G, L)
         return torch.einsum("nrgol,nlgk->nrgok", jr, p).reshape(n, r, self.inp)
@@ -161,7 +166,7 @@ class ConvolutionWeightOperator(LinearOperator):
     def matmul(self, x: Tensor) -> Tensor:
         p = self._grouped_patches()
         n, g = p.shape[0], self.groups
-        x = x.expand(n, *x.shape[-2:]) if x.dim() == 2 else x
+        x = per_row(x, (n,))
         c = x.shape[-1]
         xr = x.reshape(n, g, self.kernel_shape[0] // g, -1, c)  # (N, G, C_out / G, K, c)
         out = torch.einsum("nlgk,ngokc->ngolc", p, xr)
@@ -204,7 +209,7 @@ class TransposedConvolutionWeightOperator(LinearOperator):
     def rmatmul(self, j: Tensor) -> Tensor:
         a = self._grouped_inputs()
         n, g, r = a.shape[0], self.groups, j.shape[-2]
-        j = j.expand(n, *j.shape[-2:]) if j.dim() == 2 else j
+        j = per_row(j, (n,))
         size, kernel, dilation, padding, stride = self._fold_args()
         images = j.reshape(n * r, self.out_shape[0], *size)
         unfolded = F.unfold(images, kernel, dilation, padding, stride)  # (N r, C_out k, positions)
@@ -214,7 +219,7 @@ class TransposedConvolutionWeightOperator(LinearOperator):
     def matmul(self, x: Tensor) -> Tensor:
         a = self._grouped_inputs()
         n, g = a.shape[0], self.groups
-        x = x.expand(n, *x.shape[-2:]) if x.dim() == 2 else x
+        x = per_row(x, (n,))
         c = x.shape[-1]
         size, kernel, dilation, padding, stride = self._fold_args()
         kernels = x.reshape(n, g, self.kernel_shape[0] // g, self.kernel_shape[1], math.prod(kernel), c)
@@ -272,16 +277,16 @@ class GatherOperator(LinearOperator):
         self.index = index
 
     def matmul(self, x: Tensor) -> Tensor:
-        x = x.expand(*self.rows, *x.shape[-2:]) if x.dim() == 2 else x
+        x = per_row(x, self.rows)
         return torch.gather(x, -2, self.index.unsqueeze(-1).expand(*self.index.shape, x.shape[-1]))
 
     def rmatmul(self, j: Tensor) -> Tensor:
-        j = j.expand(*self.rows, *j.shape[-2:]) if j.dim() == 2 else j
+        j = per_row(j, self.rows)
         index = self.index.unsqueeze(-2).expand(*j.shape)
         return j.new_zeros(*j.shape[:-1], self.inp).scatter_add(-1, index, j)
 
     def squared(self, v: Tensor) -> Tensor:
-        v = v.expand(*self.rows, v.shape[-1]) if v.dim() == 1 else v
+        v = per_row(v, self.rows, 1)
         return torch.gather(v, -1, self.index.expand(*v.shape[:-1], self.index.shape[-1]))
 
 
@@ -320,7 +325,7 @@ class StandardisationOperator(LinearOperator):
         self.z, self.inv_std = z.unsqueeze(1), inv_std.reshape(n, 1, groups, 1)  # (N, 1, G, n), (N, 1, G, 1)
 
     def rmatmul(self, j: Tensor) -> Tensor:
-        j = j.expand(*self.rows, *j.shape[-2:]) if j.dim() == 2 else j
+        j = per_row(j, self.rows)
         blocks = j.reshape(*j.shape[:-1], *self.z.shape[-2:])
         out = blocks - blocks.mean(-1, keepdim=True) - self.z * (blocks * self.z).mean(-1, keepdim=True)
         return (out * self.inv_std).reshape(j.shape)
@@ -330,7 +335,7 @@ class StandardisationOperator(LinearOperator):
 
     def squared(self, v: Tensor) -> Tensor:
         z, size = self.z[:, 0], self.z.shape[-1]
-        v = v.expand(self.rows[0], v.shape[-1]) if v.dim() == 1 else v
+        v = per_row(v, self.rows, 1)
         v = v.reshape(z.shape)
         s0, s1, s2 = v.sum(-1, keepdim=True), (z * v).sum(-1, keepdim=True), (z * z * v).sum(-1, keepdim=True)
         out = v * (1.0 - 2.0 * (1.0 + z * z) / size) + (s0 + 2.0 * z * s1 + z * z * s2) / (size * size)
