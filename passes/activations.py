@@ -72,8 +72,8 @@ def def_deriv(op, derivative: Callable[..., Tensor | float], moments: Moments | 
 
 def moment_matched(x: Moment, moments: Moments, *args, **kwargs) -> Moment:
     """``f(x)`` by statistical linearisation: mean ``E f``, maps scaled by ``E f'``, plus a fresh noise of variance
-    ``Var f - (E f')^2 v``."""
-    v = x.variance()
+    ``Var f - (E f')^2 v`` (``v``: ``Moment.propagated_variance``)."""
+    v = x.propagated_variance()
     mean, var, slope = moments(x.mean, v, *args, **kwargs)
     residual = (var - slope * slope * v).clamp_min(0.0)
     linear = x.scaled(mean, slope)

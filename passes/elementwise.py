@@ -30,7 +30,7 @@ def second_order_product(ctx: RuleContext, mean: Tensor, a: Moment, b: Moment) -
     if not ctx.keeps_maps:
         return Moment.diagonal(mean, (a.variance() * b.variance()).expand(mean.shape))
     if a.has_operator_maps or b.has_operator_maps:  # a convolution network's: as the convolution's own term
-        return Moment.diagonal(mean, (a.second_order_variance() * b.second_order_variance()).expand(mean.shape))
+        return Moment.diagonal(mean, (a.propagated_variance() * b.propagated_variance()).expand(mean.shape))
     cov = a.covariance() * b.covariance()
     return Moment.of_noise(mean, RowCovarianceNoise(cov.expand(*mean.shape, mean.shape[-1])))
 

@@ -106,7 +106,7 @@ def _weight_terms(ctx: RuleContext, mean: Tensor, a, w: Moment, alpha: float) ->
             key = (t.layout.key, id(t.scale) if isinstance(t.scale, Tensor) else t.scale)
             terms.append(Term(WeightUse(t.noise, inputs, weight_var, key)))
             if is_random(a) and not ctx.first_order:
-                part = a.second_order_variance() @ weight_var
+                part = a.propagated_variance() @ weight_var
                 second = _accumulate(second, part if alpha == 1.0 else (alpha * alpha) * part)
         if second is not None:
             terms.append(Term(Noise(second)))

@@ -815,10 +815,11 @@ class Moment:
     def has_operator_maps(self) -> bool:
         return any(t.jacobian is not None and t.jacobian.has_operator for t in self.terms)
 
-    def second_order_variance(self) -> Tensor:
-        """The input variance of the paper's second-order term (``v_a S``): exact, except that maps through
-        operators (a convolution network's, full mode) are propagated factor by factor, ``(A * A) v``, as the
-        diagonal mode does (their exact variance would form each image's Jacobian at every layer)."""
+    def propagated_variance(self) -> Tensor:
+        """The elementwise variance, exact except that maps through operators (a convolution network's, full mode)
+        are propagated factor by factor, ``(A * A) v``, as the diagonal mode does: what the paper's second-order
+        terms (``v_a S``) and moment-matched activations use as their input variance, where the exact one would
+        form each image's Jacobian at every layer."""
         through = [t for t in self.terms if t.jacobian is not None and t.jacobian.has_operator]
         rest = [t for t in self.terms if t.jacobian is None or not t.jacobian.has_operator]
         total = Moment(self.mean, tuple(rest)).variance() if rest else torch.zeros_like(self.mean)

@@ -300,7 +300,7 @@ class SumOperator(LinearOperator):
 
     def squared(self, v: Tensor) -> Tensor:
         """Each branch's ``(B * B) v`` summed: the cross terms of the branches dropped (used for the second-order
-        term's input variance only, ``Moment.second_order_variance``)."""
+        term's input variance only, ``Moment.propagated_variance``)."""
         parts = [b.squared(v) for b in self.branches]
         return sum(parts[1:], parts[0])
 

@@ -434,7 +434,7 @@ def _convolution_maps(ctx: RuleContext, x, weight, bias, mean: Tensor, conv, str
         if is_random(mapped):
             terms.extend(mapped.terms)
         if is_random(weight) and not ctx.first_order:
-            terms.append(Term(Noise(conv(x.second_order_variance(), weight.variance()))))
+            terms.append(Term(Noise(conv(x.propagated_variance(), weight.variance()))))
     if is_random(weight):
         operator = TransposedConvolutionWeightOperator(
             x_mean, w_mean.shape, mean.shape[1:], stride, padding, dilation, groups, output_padding) if transposed \

@@ -115,9 +115,10 @@ def test_compiled_predictive_tracks_monte_carlo(smoke_runs, name):
     records = smoke_runs[name]["records"]
     for (dataset, post) in {(r["dataset"], r["posterior"]) for r in records}:
         by = {r["method"]: r for r in records if r["dataset"] == dataset and r["posterior"] == post}
-        if name == "cnn" and post != "laplace-last-marglik":
-            # random convolutions: every compiled mode drops the covariance a shared kernel gives the positions
-            # (passes/spatial.py); task 5's report measures how far that goes. The last-layer posterior is exact.
+        if name == "cnn" and post == "laplace-diag-marglik":
+            # every kernel random under a wide marglik posterior: the linearisation itself is off (full mode is
+            # its exact form; the smoke run measured the moment-matched rule 28% from MC); task 5's report
+            # measures it.  IVON's narrower posterior and the last layer take the checks below.
             continue
         if post.endswith("-marglik"):
             # a wide posterior: the linearisation is off there (the finding); the moment-matched rule tracks MC
