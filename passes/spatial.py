@@ -11,20 +11,23 @@ Two families.
   is moved last and back, which keeps every noise's identity (a bias shared by all positions stays shared) and
   collapses only matrix maps over the last dim in full mode.  Pooling in 2-d is the product of its two 1-d maps:
   PyTorch's divisor (valid rows x valid columns, with or without padding) factorises the same way.
-* **Convolution** (``convolution``, 1-d to 3-d, stride, padding, dilation, groups, transposed): the paper's
-  linear-layer rule at every output location, computed as convolutions, ``Var = conv(m^2, S) + conv(v, M^2) +
-  conv(v, S) + s_b`` (``predictive="glm"``: without ``conv(v, S)``), one fresh noise for the weight and input
-  terms, the bias noise kept (shared by every location).  Approximation: the inputs of a convolution are taken
-  independent, and its output entries are taken independent of each other apart from the bias, in both covariance
-  modes; so full mode is exact only after the last random convolution (a random head on a fixed feature
-  extractor), and a sum over positions of a random convolution's outputs misses their correlation through the
-  shared kernel.  A Kronecker-factored kernel posterior (laplace-torch's kron) keeps its structure: the patches
-  are rotated by convolutions with the input eigenvectors as kernels (``_kron_weight_variance``; groups 1, not
-  transposed, else its marginal variances).
+* **Convolution** (``convolution``, 1-d to 3-d, stride, padding, dilation, groups, transposed).  Full mode
+  (``_convolution_maps``, 1-d and 2-d): exact, as maps over each image's flattened entries whose factors are
+  operators (``operators.py``): the input's maps through the mean kernel, the kernel noise through the mean
+  input's patches (shared by every position), the bias broadcast; pooling, resampling, padding, reductions over the
+  image, concatenation, max pooling and GroupNorm are operators there too (``flat_map``), so the GLM in full mode
+  is autograd's ``J S J^T``.  Diag mode (and 3-d): the paper's linear-layer rule at every output location, computed
+  as convolutions, ``Var = conv(m^2, S) + conv(v, M^2) + conv(v, S) + s_b`` (``predictive="glm"``: without
+  ``conv(v, S)``), one fresh noise for the weight and input terms, the bias noise kept (shared by every location):
+  its output entries are taken independent of each other apart from the bias, so a sum over positions misses
+  their correlation through the shared kernel.  A Kronecker-factored kernel posterior (laplace-torch's kron) keeps
+  its structure in that variance: the patches are rotated by convolutions with the input eigenvectors as kernels
+  (``_kron_weight_variance``; groups 1, not transposed, else its marginal variances).
 
 Max pooling is linearised at the arg-max of the mean (each window's winner is the entry that wins at the mean; good
-where the winner is clear, as Monte Carlo agrees then), as a fresh noise with the winner's variance.  GroupNorm and
-InstanceNorm are linearised with their statistics, as LayerNorm is (``normalisation.py``).
+where the winner is clear, as Monte Carlo agrees then): in full mode a gather of the winners' maps, in diag mode a
+fresh noise with the winner's variance.  GroupNorm and InstanceNorm are linearised with their statistics, as
+LayerNorm is (``normalisation.py``; GroupNorm's Jacobian an operator in full mode).
 """
 
 from __future__ import annotations
