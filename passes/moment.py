@@ -607,10 +607,7 @@ class MatrixTangent:
             d = self.diagonals[i]
             if d is not None:
                 v = v * _squared(_numeric(d, v))
-            if isinstance(m, LinearOperator):
-                v = m.squared(v)
-            else:
-                v = v @ (m * m).mT if m.dim() == 2 else ((m * m) @ v.unsqueeze(-1)).squeeze(-1)
+            v = _squared_factor(m, v)
         last = self.diagonals[-1]
         return v if last is None else v * _squared(_numeric(last, v))
 
@@ -641,6 +638,13 @@ class MatrixTangent:
             if d is not None:
                 x = _row(_numeric(d, like)) * x
         return x
+
+
+def _squared_factor(m, v: Tensor) -> Tensor:
+    """``(M * M) v`` for a matrix (shared or per row) or an operator."""
+    if isinstance(m, LinearOperator):
+        return m.squared(v)
+    return v @ (m * m).mT if m.dim() == 2 else ((m * m) @ v.unsqueeze(-1)).squeeze(-1)
 
 
 def _col(d):
@@ -838,8 +842,9 @@ def flat_map(x: Moment, mean: Tensor, operator: LinearOperator) -> "Moment | Ten
     (flattened), laid out like ``mean`` (the plain op's): how full mode keeps a convolution network's maps exact
     (the map of a random convolution reaches back to earlier layers through every channel and position)."""
     flat_in = x.mean.reshape(x.mean.shape[0], -1)
-    copies = [c for c in (_broadcast_copies(t, x.mean) for t in x.terms) if c is not None]
-    rest = [t for t in x.terms if _broadcast_copies(t, x.mean) is None]
+    converted = [(t, _broadcast_copies(t, x.mean)) for t in x.terms]
+    copies = [c for _, c in converted if c is not None]
+    rest = [t for t, c in converted if c is None]
     moved = Moment(x.mean, tuple(rest)).moved(flat_in, reshape_move(x.mean.shape, flat_in.shape)) if rest else None
     terms = copies + list(moved.terms if is_random(moved) else ())
     if not terms:
@@ -1234,10 +1239,7 @@ def _matrix_variance(jacobian: MatrixTangent, var: Tensor) -> Tensor:
     v = var if cols is None else var * (cols * cols)
     if len(jacobian.matrices) == 1:
         (m,), (_, rows) = jacobian.matrices, jacobian.diagonals
-        if isinstance(m, LinearOperator):
-            out = m.squared(v)
-        else:
-            out = v @ (m * m).mT if m.dim() == 2 else ((m * m) @ v.unsqueeze(-1)).squeeze(-1)
+        out = _squared_factor(m, v)
         return out if rows is None else _times(_squared(rows), out)
     j = jacobian.dense()
     return ((j * j) @ v.unsqueeze(-1)).squeeze(-1)
