@@ -12,12 +12,11 @@ import operator
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .moment import (
-    Move, Moment, embedding_move, expand_move, flat_map, maps_over_entries, merged, pad_move, permute_move,
-    reshape_move, select_move, slice_move,
+    Move, Moment, embedding_move, expand_move, flat_map, maps_over_entries, merged, pad_move, padding_matrix,
+    permute_move, reshape_move, select_move, slice_move,
 )
 from .operators import SeparableOperator
 from .registry import RuleContext, register
@@ -126,7 +125,7 @@ def cat(ctx: RuleContext, tensors: list, dim: int = 0) -> Moment:
     for t, m in zip(tensors, means):
         size = m.shape[axis]
         if isinstance(t, Moment) and over_images:
-            placed = F.pad(torch.eye(size, dtype=mean.dtype, device=mean.device), [0, 0, offset, total - offset - size])
+            placed = padding_matrix(size, offset, total - offset - size, mean)
             operator = SeparableOperator([placed, *m.shape[axis + 1:]], m.shape[1:axis].numel(), m)
             moved = flat_map(t, mean, operator)
             terms.extend(moved.terms if isinstance(moved, Moment) else ())

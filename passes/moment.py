@@ -884,7 +884,7 @@ def maps_over_entries(x: object, operator_found: bool = False) -> bool:
     flattening.  ``operator_found``: also require one such map."""
     if not isinstance(x, Moment) or any(t.jacobian is not None and not t.jacobian.has_operator for t in x.terms):
         return False
-    return not operator_found or any(t.jacobian is not None for t in x.terms)
+    return not operator_found or x.has_operator_maps
 
 
 def is_random(value: object) -> bool:
@@ -1187,6 +1187,11 @@ def _selection(move: Move, like: Tensor) -> Tensor:
         _, start, end, step, size = move.args
         return aten.slice.Tensor(torch.eye(size, dtype=like.dtype, device=like.device), 0, start, end, step)
     _, before, after, size = move.args
+    return padding_matrix(size, before, after, like)
+
+
+def padding_matrix(size: int, before: int, after: int, like: Tensor) -> Tensor:
+    """The ``(before + size + after, size)`` matrix that pads a vector with zeros (negative amounts crop)."""
     return F.pad(torch.eye(size, dtype=like.dtype, device=like.device), [0, 0, before, after])
 
 

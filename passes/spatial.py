@@ -39,7 +39,8 @@ from torch import Tensor
 from .elementwise import add, mul
 from .moment import (
     Layout, MatrixTangent, Moment, Noise, Term, _numeric, broadcast_to, embedding_move, expand_move, flat_map,
-    is_random, maps_over_entries, mean_of, merged, pad_move, permute_move, reshape_move, same_shape, slice_move,
+    is_random, maps_over_entries, mean_of, merged, pad_move, padding_matrix, permute_move, reshape_move, same_shape,
+    slice_move,
 )
 from .normalisation import _normalised_moment, _per_channel
 from .operators import (
@@ -314,9 +315,8 @@ def constant_pad_nd(ctx: RuleContext, x: Moment, pad, value=0.0) -> Moment:
     ndim = x.mean.dim()
     padded = len(pad) // 2
     if ndim - padded >= 2 and _keeps_maps_over_images(ctx, x, ndim - 2):
-        eye = [torch.eye(n, dtype=x.mean.dtype, device=x.mean.device) for n in x.mean.shape[ndim - padded:]]
-        matrices = [F.pad(e, [0, 0, pad[2 * (padded - 1 - i)], pad[2 * (padded - 1 - i) + 1]])
-                    for i, e in enumerate(eye)]
+        matrices = [padding_matrix(n, pad[2 * (padded - 1 - i)], pad[2 * (padded - 1 - i) + 1], x.mean)
+                    for i, n in enumerate(x.mean.shape[ndim - padded:])]
         return flat_map(x, mean, SeparableOperator(matrices, x.mean.shape[1:ndim - padded].numel(), x.mean))
     out = x
     for i in range(len(pad) // 2):
