@@ -176,7 +176,7 @@ def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: 
         AUTOMATIC, Options, default_activations, default_covariance, default_link, default_predictive,
     )
     from .posterior import couples_layers, is_ivon, likelihood_of, read_posterior
-    from .prepass import has_attention, output_shape
+    from .prepass import has_attention, output_shape, random_kernel_entries
     from .rewrite import MomentInterpreter
 
     unknown = sorted(set(keywords) - {f.name for f in dataclasses.fields(Options)} | ({"automatic"} & set(keywords)))
@@ -237,8 +237,7 @@ def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: 
             program = capture(model, inputs)
         if "covariance" in automatic:
             widest = max((p.shape[0] for p in model.parameters() if p.dim()), default=1)
-            kernels = sum(m.weight.numel() for name, m in model.named_modules() if isinstance(
-                m, nn.modules.conv._ConvNd) and f"{name}.weight" in variances)
+            kernels = random_kernel_entries(program, variances)
             options = dataclasses.replace(options, covariance=default_covariance(
                 output_shape(program.graph), widest, has_attention(program.graph), kernels,
                 options.predictive == "glm" and options.activations == "linearised"))

@@ -87,3 +87,18 @@ def has_attention(graph: torch.fx.Graph) -> bool:
 def output_shape(graph: torch.fx.Graph) -> tuple:
     """The shape of the model's first output (symbolic sizes for dynamic dims)."""
     return tuple(_first_output(graph).meta["val"].shape)
+
+
+def random_kernel_entries(program: torch.export.ExportedProgram, random_names) -> int:
+    """The entries of every convolution kernel in the graph that is a random parameter (named in
+    ``random_names``), whatever module or functional call made the convolution."""
+    parameters = program.graph_signature.inputs_to_parameters
+    total, seen = 0, set()
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.convolution.default:
+            kernel = node.args[1]
+            name = parameters.get(getattr(kernel, "name", None))
+            if name in random_names and name not in seen:
+                seen.add(name)
+                total += kernel.meta["val"].numel()
+    return total
