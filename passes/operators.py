@@ -15,6 +15,7 @@ weight noise of a convolution does, ``dim() == 3``: its rows are the batch)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -129,9 +130,24 @@ def _as_2d(images: Tensor, kernel_size, stride, padding, dilation) -> tuple:
 
 
 def patches(images: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
-    """The input patch of every output location, ``(N, L, C_in * k...)`` (PyTorch's ``unfold``)."""
+    """The input patch of every output location, ``(N, L, C_in * k...)`` (PyTorch's ``unfold`` in 1-d and 2-d;
+    in 3-d, which ``unfold`` lacks, one strided slice of the padded images per kernel offset)."""
+    if images.dim() == 5:
+        return _patches_by_slicing(images, kernel_size, stride, padding, dilation)
     images, kernel_size, stride, padding, dilation = _as_2d(images, kernel_size, stride, padding, dilation)
     return F.unfold(images, kernel_size, dilation, padding, stride).mT
+
+
+def _patches_by_slicing(images: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
+    """``patches`` for any number of spatial dims, in ``unfold``'s order (channel, then kernel offset)."""
+    padded = F.pad(images, [p for p in reversed(padding) for _ in range(2)])
+    spatial = padded.shape[2:]
+    outs = [(spatial[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1 for i, k in enumerate(kernel_size)]
+    columns = [padded[(slice(None), slice(None), *(
+        slice(o * dilation[i], o * dilation[i] + (outs[i] - 1) * stride[i] + 1, stride[i])
+        for i, o in enumerate(offset)))] for offset in itertools.product(*(range(k) for k in kernel_size))]
+    stacked = torch.stack(columns, 2)  # (N, C, K, *outs)
+    return stacked.reshape(images.shape[0], -1, math.prod(outs)).mT
 
 
 class ConvolutionWeightOperator(LinearOperator):

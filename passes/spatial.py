@@ -12,11 +12,12 @@ Two families.
   collapses only matrix maps over the last dim in full mode.  Pooling in 2-d is the product of its two 1-d maps:
   PyTorch's divisor (valid rows x valid columns, with or without padding) factorises the same way.
 * **Convolution** (``convolution``, 1-d to 3-d, stride, padding, dilation, groups, transposed).  Full mode
-  (``_convolution_maps``, 1-d and 2-d): exact, as maps over each image's flattened entries whose factors are
-  operators (``operators.py``): the input's maps through the mean kernel, the kernel noise through the mean
-  input's patches (shared by every position), the bias broadcast; pooling, resampling, padding, reductions over the
-  image, concatenation, max pooling and GroupNorm are operators there too (``flat_map``), so the GLM in full mode
-  is autograd's ``J S J^T``.  Diag mode (and 3-d): the paper's linear-layer rule at every output location, computed
+  (``_convolution_maps``; every one but a transposed 3-d one): exact, as maps over each image's flattened entries
+  whose factors are operators (``operators.py``): the input's maps through the mean kernel, the kernel noise
+  through the mean input's patches (shared by every position), the bias broadcast; pooling, resampling, padding,
+  reductions over the image, concatenation, max pooling and GroupNorm are operators there too (``flat_map``), so
+  the GLM in full mode is autograd's ``J S J^T``.  Diag mode (and a transposed 3-d convolution): the paper's
+  linear-layer rule at every output location, computed
   as convolutions, ``Var = conv(m^2, S) + conv(v, M^2) + conv(v, S) + s_b`` (``predictive="glm"``: without
   ``conv(v, S)``), one fresh noise for the weight and input terms, the bias noise kept (shared by every location):
   its output entries are taken independent of each other apart from the bias, so a sum over positions misses
@@ -381,7 +382,7 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
 
     x_mean, w_mean = mean_of(x), mean_of(weight)
     mean = conv(x_mean, w_mean, mean_of(bias))
-    if _exact_convolution(ctx, x_mean, weight):
+    if _exact_convolution(ctx, x_mean, weight, transposed):
         return _convolution_maps(ctx, x, weight, bias, mean, conv, stride, padding, dilation, transposed,
                                  output_padding, groups)
     inputs, kernels = [], []  # the variance is the sum of conv(input, kernel) over these pairs
@@ -412,11 +413,12 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
     return merged(mean, terms)
 
 
-def _exact_convolution(ctx: RuleContext, x_mean: Tensor, weight) -> bool:
-    """Full mode keeps a convolution's maps (1-d and 2-d, a weight with independent entries)."""
+def _exact_convolution(ctx: RuleContext, x_mean: Tensor, weight, transposed: bool) -> bool:
+    """Full mode keeps a convolution's maps (1-d to 3-d, not a transposed 3-d one; a weight with independent
+    entries)."""
     plain_weight = not is_random(weight) or all(
         t.jacobian is None and type(t.noise) is Noise for t in weight.terms)
-    return ctx.keeps_maps and x_mean.dim() in (3, 4) and plain_weight
+    return ctx.keeps_maps and (x_mean.dim() in (3, 4) or (x_mean.dim() == 5 and not transposed)) and plain_weight
 
 
 def _convolution_maps(ctx: RuleContext, x, weight, bias, mean: Tensor, conv, stride, padding, dilation,

@@ -175,12 +175,12 @@ def run_problem(problem: Problem, tick: Callable[[str], None] = lambda _: None) 
                 record(f"{name}+cal", None, note=note, projected_s=projected_s)
                 continue
             run(name, predictor, setup_s=compile_s, predictive=_described(cm))
+            chosen = copy.deepcopy(cm) if name == "compiled-default" else None  # uncalibrated, for calibrate(choose)
             t0 = time.perf_counter()
             scale = _quietly(cm.calibrate, calibration)
             run(f"{name}+cal", predictor, setup_s=time.perf_counter() - t0, variance_scale=scale,
                 at_bound=cm.calibration.at_bound)
-            if name == "compiled-default":
-                chosen = M.compile_posterior(post, s.x_train[:2])
+            if chosen is not None:
                 t0 = time.perf_counter()
                 scale = _quietly(chosen.calibrate, calibration, choose=True)
                 run("compiled-choose", M.compiled_predictor(chosen, problem.likelihood, problem.predict_chunk),

@@ -399,6 +399,7 @@ TABLE: list[OpInfo] = [
     conv(nn.ConvTranspose2d(2, 3, 2, stride=2), "transposed"),
     conv(nn.Conv1d(2, 3, 3), "conv1d", dims=1),
     conv(nn.Conv3d(2, 2, (1, 2, 2), padding=(0, 1, 0)), "conv3d", dims=3),
+    conv(nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=1, dilation=(2, 1, 1), groups=2), "conv3d_grouped", dims=3),
     spatial(aten.avg_pool2d.default, lambda s, t: F.avg_pool2d(t, 2)),
     spatial(aten.avg_pool2d.default, lambda s, t: F.avg_pool2d(t, 3, 2, 1, ceil_mode=True, count_include_pad=False),
             name="ceil_padding_excluded"),
@@ -466,9 +467,6 @@ XFAIL_TODAY: dict[tuple[str, str], str] = {
     ("jacobian", "_embedding_bag.default[random per-sample weights]"):
         "a weight shared by a row's features, summed over the rows (a map along dim 0, then moved back: `along`'s "
         "collapse, as for sum.dim_IntList[copies]) loses the features' covariance: error 35%, ratio 7.8e3",
-    ("jacobian", "convolution.default[conv3d]"):
-        "full mode keeps the maps of 1-d and 2-d convolutions (the kernel noise's patches come from unfold, which is "
-        "2-d); a 3-d one is the paper's rule, its outputs independent across positions: error 35%, ratio 1.7e4",
     ("jacobian", "_native_batch_norm_legit.no_stats[instance_norm]"):
         "InstanceNorm exports with the batch folded into the channels, which maps over each image's flattened "
         "entries cannot follow; it is linearised as a fresh noise: error 9.4%, ratio 5.5e3",
@@ -618,8 +616,9 @@ def result_for(i: int, oracle: str) -> BlockResult:
 
 
 @functools.lru_cache(maxsize=None)
-def onnx_block(members: tuple[int, ...]) -> tuple[BlockResult, torch.Tensor, dict] | Exception:
-    """The glm block through ONNX Runtime at batch ``BATCH2``: (its result, x2, ONNX Runtime's outputs)."""
+def onnx_block(members: tuple[int, ...]) -> tuple[BlockResult, tuple, dict] | Exception:
+    """The glm block at batch ``BATCH2``: (its result, the torch moment graph's (mean, covariance), ONNX Runtime's
+    outputs)."""
     res = run_block(members, "glm", traced=True)
     if isinstance(res.compiled, Exception):
         return res.compiled
@@ -631,10 +630,11 @@ def onnx_block(members: tuple[int, ...]) -> tuple[BlockResult, torch.Tensor, dic
             out = mp.OnnxRunner(path, threads=1)(x2.numpy())
     except Exception as exc:
         return exc
-    return res, x2, out
+    with torch.no_grad():
+        return res, res.compiled(x2), out
 
 
-def onnx_for(i: int) -> tuple[BlockResult, torch.Tensor, dict] | Exception:
+def onnx_for(i: int) -> tuple[BlockResult, tuple, dict] | Exception:
     """Entry ``i``'s block through ONNX Runtime (halved down to ``i`` alone where a block does not export)."""
     return onnx_block(_halving(i, "onnx", lambda b: not isinstance(onnx_block(b), Exception)))
 
@@ -755,9 +755,7 @@ def test_onnx_runtime_equals_torch_at_another_batch(i: int):
     got = onnx_for(i)
     if isinstance(got, Exception):
         pytest.fail(f"{entry.id}: compiling, exporting or running failed: {type(got).__name__}: {got}")
-    res, x2, out = got
-    with torch.no_grad():
-        mean, cov = res.compiled(x2)
+    res, (mean, cov), out = got
     cols = res.columns[i]
     problem = compare_close(torch.from_numpy(out["mean"])[..., cols], mean[..., cols], 1e-4, 1e-5)
     assert problem is None, f"{entry.id}: ONNX mean: {problem}"
