@@ -204,10 +204,10 @@ def _without_copies(t: Term, dims: list[int]) -> Layout | None:
 def _reduced(ctx: RuleContext, x: Moment, dims, keepdim: bool, mean: Tensor, weight: float) -> Moment:
     ndim = x.mean.dim()
     dims = sorted({d % ndim for d in (range(ndim) if dims is None or len(dims) == 0 else dims)})
-    if dims and dims[0] >= 2 and dims == list(range(dims[0], ndim)) and _keeps_maps_over_images(ctx, x, len(dims)):
-        ones = [torch.full((1, x.mean.shape[d]), weight if weight else 1.0 / x.mean.shape[d], dtype=x.mean.dtype,
-                           device=x.mean.device) for d in dims]
-        return flat_map(x, mean, SeparableOperator(ones, x.mean.shape[1:dims[0]].numel(), x.mean))
+    if dims and dims[0] >= 1 and _keeps_maps_over_images(ctx, x, ndim - 2):  # any dims but the batch: one map
+        matrices = [torch.full((1, n), weight if weight else 1.0 / n, dtype=x.mean.dtype, device=x.mean.device)
+                    if d in dims else n for d, n in enumerate(x.mean.shape[1:], start=1)]
+        return flat_map(x, mean, SeparableOperator(matrices, 1, x.mean))
     copies = [(t, layout) for t in x.terms if (layout := _without_copies(t, dims)) is not None]
     if copies:  # the sum of copies of one entry is that entry times the sum of their scales (no map over copies)
         reduce = (lambda t: t.sum(dims, keepdim=True)) if weight else (lambda t: t.mean(dims, keepdim=True))

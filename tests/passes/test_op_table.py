@@ -460,13 +460,13 @@ XFAIL_TODAY: dict[tuple[str, str], str] = {
         "linearised attention drops the cross-token covariances of q, k and v (shared weight noise): error 56%, "
         "ratio 5.3e3",
     ("jacobian", "scaled_dot_product_attention.default[self causal]"): "as above, q = k = v: error 35%, ratio 4.9e3",
-    ("jacobian", "sum.dim_IntList[copies]"):
-        "a sum over two dims that are not trailing is two maps along dims other than the last; the second moves the "
-        "first one's matrix map out of the last dim and collapses it (passes/spatial.py `along`): error 50%",
-    ("mc", "sum.dim_IntList[copies]"): "as above, in diag mode: median error 28%",
+    ("mc", "sum.dim_IntList[copies]"):
+        "diag mode: a sum over two dims that are not trailing is two maps along dims other than the last; the second "
+        "moves the first one's map out of the last dim and collapses it (passes/spatial.py `along`; full mode is "
+        "exact, one map over the image's entries): median error 28%",
     ("jacobian", "_embedding_bag.default[random per-sample weights]"):
         "a weight shared by a row's features, summed over the rows (a map along dim 0, then moved back: `along`'s "
-        "collapse, as for sum.dim_IntList[copies]) loses the features' covariance: error 35%, ratio 7.8e3",
+        "collapse of a map over the last dim) loses the features' covariance: error 35%, ratio 7.8e3",
     ("jacobian", "_native_batch_norm_legit.no_stats[instance_norm]"):
         "InstanceNorm exports with the batch folded into the channels, which maps over each image's flattened "
         "entries cannot follow; it is linearised as a fresh noise: error 9.4%, ratio 5.5e3",
