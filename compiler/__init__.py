@@ -134,13 +134,14 @@ def compile(
         predictive=predictive, activations=activations,
     )
     interpreter, program, inputs = _interpreter(model, posterior, example_inputs, keywords)
+    from .capture import free_dims
     from .emit import quiet_torch
     from .options import CompiledInfo
     from .rewrite import rewrite
     from .runtime import CompiledModel
 
     with quiet_torch():
-        moment_program = rewrite(interpreter, inputs)
+        moment_program = rewrite(interpreter, inputs, images=any(free - {0, 1} for free in free_dims(program)))
     names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     if interpreter.config.input_variance:
         names += ["input_variance"] if len(names) == 1 else [f"{name}_variance" for name in names]

@@ -1,4 +1,5 @@
-"""Step 1: capture the model as an ATen graph with torch.export, batch size (and sequence length) dynamic.
+"""Step 1: capture the model as an ATen graph with torch.export, batch size, sequence length and image size
+dynamic (the last two where the model allows).
 
 Decomposition goes down to core ATen except for the ops that have a moment rule of their own (``linear``,
 ``gelu``, ``silu``, ...): keeping those whole gives smaller graphs, and composites we do not keep are still
@@ -76,11 +77,46 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.train(flag)
 
 
-def dynamic_shapes(inputs: Sequence[torch.Tensor]) -> tuple[dict[int, Dim], ...]:
+def is_image(x: torch.Tensor) -> bool:
+    """Floating (batch, channels, *spatial) inputs: images, volumes and signals (1-d to 3-d)."""
+    return x.is_floating_point() and 3 <= x.dim() <= 5
+
+
+# ops that ONNX export fixes to the example's image size (an adaptive pooling to a size other than 1 gets the
+# example's kernel): a model with one keeps a fixed image size
+_FIXED_SIZE_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
+    "_adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")}
+
+
+def dynamic_shapes(inputs: Sequence[torch.Tensor], images: bool = True) -> tuple[dict[int, Dim], ...]:
     """Dim 0 of every input is the batch; dim 1 of (batch, sequence) integer inputs (token ids, masks) is the
-    sequence length, dynamic where the model allows it (Dim.AUTO)."""
+    sequence length and (with ``images``) the spatial dims of images are the image size, each dynamic where the
+    model allows it (Dim.AUTO: a flatten into a linear layer fixes the image size, for instance)."""
     batch = Dim("batch")
-    return tuple({0: batch, 1: Dim.AUTO} if is_sequence(x) else {0: batch} for x in inputs)
+    shapes = []
+    for x in inputs:
+        if is_sequence(x):
+            shapes.append({0: batch, 1: Dim.AUTO})
+        elif images and is_image(x):
+            shapes.append({0: batch, **{d: Dim.AUTO for d in range(2, x.dim())}})
+        else:
+            shapes.append({0: batch})
+    return tuple(shapes)
+
+
+def free_dims(program: ExportedProgram) -> list[set[int]]:
+    """For each user input of ``program``, the dims that are dynamic (symbolic in the traced graph)."""
+    names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    return [{d for d, size in enumerate(nodes[name].meta["val"].shape) if not isinstance(size, int)}
+            for name in names]
+
+
+def _fixes_image_size(program: ExportedProgram) -> bool:
+    pooled = [n for n in program.graph.nodes if n.target in _FIXED_SIZE_OPS]
+    return any(any(size != 1 for size in (n.args[1] if isinstance(n.args[1], (list, tuple)) else [n.args[1]]))
+               for n in pooled)
 
 
 def _takes_varargs(model: nn.Module) -> bool:
@@ -88,8 +124,28 @@ def _takes_varargs(model: nn.Module) -> bool:
     return any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters)
 
 
+def _export(model: nn.Module, inputs: tuple) -> ExportedProgram:
+    """torch.export with a dynamic image size where the model and ONNX export allow it, else a fixed one."""
+    def export(images: bool) -> ExportedProgram:
+        shapes = dynamic_shapes(inputs, images)
+        if _takes_varargs(model):  # forward(*xs): torch.export wants the specs of the varargs nested
+            shapes = (shapes,)
+        return torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
+
+    if not any(is_image(x) for x in inputs):
+        return export(images=False)
+    try:
+        program = export(images=True)
+        if not _fixes_image_size(program):
+            return program
+    except Exception:
+        pass  # the image size is fixed (the error, if any, comes again from the capture below)
+    return export(images=False)
+
+
 def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> ExportedProgram:
-    """Export ``model`` in eval mode with a dynamic batch and decompose it to the op set of the rules."""
+    """Export ``model`` in eval mode with a dynamic batch (and image size) and decompose it to the op set of the
+    rules."""
     inputs = with_batch_of_two(example_inputs)
     with eval_mode(model), torch.no_grad():
         try:
@@ -100,11 +156,8 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Exporte
                 f"calling the model on example_inputs of shapes {shapes} failed ({type(exc).__name__}: {exc}); "
                 "pass example inputs that model(*example_inputs) accepts"
             ) from exc
-        shapes = dynamic_shapes(inputs)
-        if _takes_varargs(model):  # forward(*xs): torch.export wants the specs of the varargs nested
-            shapes = (shapes,)
         try:
-            program = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
+            program = _export(model, inputs)
         except Exception as exc:
             raise CaptureError(
                 f"torch.export could not capture {type(model).__name__} with a dynamic batch dimension: "

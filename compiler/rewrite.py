@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 from momentprop.passes import Moment, RuleContext, heads, lookup
 
 from .capture import dynamic_shapes, with_batch_of_two
-from .errors import InputError, UnsupportedOpError
+from .errors import InputError, MomentpropError, UnsupportedOpError
 from .bind import GraphInputs
 from .options import Options
 from .prepass import analyse
@@ -121,10 +121,23 @@ class MomentInterpreter(nn.Module):
                              config.link, getattr(self, "noise_variance", None))
 
 
-def rewrite(interpreter: MomentInterpreter, example_inputs: Sequence[torch.Tensor]) -> ExportedProgram:
-    """Trace the interpreter into the moment graph (an ExportedProgram with a dynamic batch)."""
+def rewrite(interpreter: MomentInterpreter, example_inputs: Sequence[torch.Tensor],
+            images: bool = False) -> ExportedProgram:
+    """Trace the interpreter into the moment graph (an ExportedProgram with a dynamic batch; ``images``: and a
+    dynamic image size, where the rules allow it, else the example's)."""
     inputs = with_batch_of_two(example_inputs)
-    with torch.no_grad():
-        return torch.export.export(
-            interpreter, inputs, dynamic_shapes=(dynamic_shapes(inputs),), strict=False
-        )
+
+    def export(images: bool) -> ExportedProgram:
+        with torch.no_grad():
+            return torch.export.export(
+                interpreter, inputs, dynamic_shapes=(dynamic_shapes(inputs, images),), strict=False
+            )
+
+    if images:
+        try:
+            return export(images=True)
+        except MomentpropError:
+            raise
+        except Exception:
+            pass  # a rule that needs the image size: the example's
+    return export(images=False)

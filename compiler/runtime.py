@@ -14,7 +14,7 @@ from torch.export import ExportedProgram
 
 from ._version import __version__
 from .calibration import Calibration, bound_warning, fit_scale, pointwise_nlpd
-from .capture import is_sequence
+from .capture import free_dims
 from .emit import emit_onnx
 from .errors import InputError, MomentpropError
 from .inputs import check_input_dtype, dtype_kind
@@ -28,8 +28,9 @@ class CompiledModel:
     ``cm(x)`` returns ``(mean, var)``; ``var`` has the shape of ``mean``, or ``mean.shape + (C,)`` for a
     covariance (``covariance="full"`` or ``output_covariance=True``).
 
-    Inputs: batch (and sequence) dimensions are free, the others must match the example inputs. A floating input of
-    another precision (float64, float16, bfloat16) is cast to the compiled dtype (float32 for a float32 model);
+    Inputs: batch, sequence and (where the model allows it) image-size dimensions are free, the others must match the
+    example inputs. A floating input of another precision (float64, float16, bfloat16) is cast to the compiled
+    dtype (float32 for a float32 model);
     integer or bool values for a floating input raise :class:`InputError` (a cast would hide a wrong array);
     integer inputs (token ids) of another width are cast. ``OnnxRunner`` follows the same rule.
     """
@@ -39,6 +40,7 @@ class CompiledModel:
         self.info = info
         self.example_inputs = tuple(example_inputs)
         self._module = program.module()
+        self._free_dims = free_dims(program)  # per input, the dims that are dynamic (batch, sequence, image size)
         self.calibration: Calibration | None = None  # what calibrate found
         self._recompile = None  # set by mp.compile: the same model and posterior with other options
 
@@ -75,15 +77,24 @@ class CompiledModel:
     def _run(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.example_inputs):
             raise InputError(f"expected {len(self.example_inputs)} input tensor(s), got {len(inputs)}")
-        for i, (x, ex) in enumerate(zip(inputs, self.example_inputs)):
-            fixed = 2 if is_sequence(ex) else 1  # batch (and sequence length) are dynamic
-            if not isinstance(x, torch.Tensor) or x.shape[fixed:] != ex.shape[fixed:] or x.dim() != ex.dim():
+        for i, (x, ex, free) in enumerate(zip(inputs, self.example_inputs, self._free_dims)):
+            if not isinstance(x, torch.Tensor) or x.dim() != ex.dim() or any(
+                    n != e for d, (n, e) in enumerate(zip(x.shape, ex.shape)) if d not in free):
                 got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                compiled_for = ", ".join(map(str, ex.shape[1:]))
-                raise InputError(f"input {i} has shape {got}; the model was compiled for (batch, {compiled_for})")
+                compiled_for = ", ".join("batch" if d == 0 else "any" if d in free else str(n)
+                                         for d, n in enumerate(ex.shape))
+                raise InputError(f"input {i} has shape {got}; the model was compiled for ({compiled_for})")
         inputs = tuple(self._cast(i, x, ex) for i, (x, ex) in enumerate(zip(inputs, self.example_inputs)))
         with torch.no_grad():
-            return tuple(self._module(*inputs))
+            try:
+                return tuple(self._module(*inputs))
+            except AssertionError as exc:  # a shape the model itself does not take (torch.export's guards)
+                if "Guard failed" not in str(exc):
+                    raise
+                shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+                examples = ", ".join(str(tuple(x.shape)) for x in self.example_inputs)
+                raise InputError(f"inputs of shapes {shapes} are not ones the model takes ({exc}); it was compiled "
+                                 f"with examples of shapes {examples}") from None
 
     def _cast(self, index: int, x: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
         if x.dtype == example.dtype:

@@ -102,9 +102,19 @@ class ConvolutionOperator(LinearOperator):
                             + self.dilation[i] * (kernel.shape[2 + i] - 1) + 1) for i in range(len(in_shape) - 1)]
 
     def _op(self, images: Tensor, kernel: Tensor, transposed: bool) -> Tensor:
-        padding = self.output_padding if transposed else [0] * len(self.stride)
-        return aten.convolution.default(images, kernel, None, self.stride, self.padding, self.dilation, transposed,
-                                        padding, self.groups)
+        zeros = [0] * len(self.stride)
+        if not transposed or all(isinstance(p, int) for p in self.output_padding):
+            return aten.convolution.default(images, kernel, None, self.stride, self.padding, self.dilation,
+                                            transposed, self.output_padding if transposed else zeros, self.groups)
+        # the output padding depends on an image size known only when run (a dynamic image size), and ONNX's
+        # ConvTranspose takes a fixed one: the whole transposed convolution, padded by the most output padding
+        # can add (stride - 1), cut to the larger image
+        whole = aten.convolution.default(images, kernel, None, self.stride, zeros, self.dilation, True, zeros,
+                                         self.groups)
+        whole = F.pad(whole, [p for s in reversed(self.stride) for p in (0, s - 1)])
+        for i, size in enumerate(self.in_shape[1:]):
+            whole = whole.narrow(2 + i, self.padding[i], size)
+        return whole
 
     def matmul(self, x: Tensor) -> Tensor:
         flat, lead = _rows_first(x.mT, 1)
@@ -256,8 +266,8 @@ class SeparableOperator(LinearOperator):
     per-channel value over the positions."""
 
     def __init__(self, matrices: list, channels: int, like: Tensor):
-        outs = [m if isinstance(m, int) else m.shape[0] for m in matrices]
-        ins = [m if isinstance(m, int) else m.shape[1] for m in matrices]
+        outs = [m if not isinstance(m, Tensor) else m.shape[0] for m in matrices]
+        ins = [m if not isinstance(m, Tensor) else m.shape[1] for m in matrices]
         super().__init__(channels * math.prod(outs), channels * math.prod(ins), like)
         self.matrices, self.channels, self.outs, self.ins = matrices, channels, outs, ins
 
@@ -266,7 +276,7 @@ class SeparableOperator(LinearOperator):
         lead = t.shape[:-1]
         t = t.reshape(*lead, self.channels, *shape)
         for i, m in enumerate(matrices):
-            if isinstance(m, int):
+            if not isinstance(m, Tensor):
                 continue
             dim = t.dim() - len(shape) + i
             t = torch.movedim(torch.movedim(t, dim, -1) @ (m if adjoint else m.T), -1, dim)
@@ -279,7 +289,7 @@ class SeparableOperator(LinearOperator):
         return self._along(j, self.outs, self.matrices, True)
 
     def squared(self, v: Tensor) -> Tensor:
-        return self._along(v, self.ins, [m if isinstance(m, int) else m * m for m in self.matrices], False)
+        return self._along(v, self.ins, [m if not isinstance(m, Tensor) else m * m for m in self.matrices], False)
 
 
 class GatherOperator(LinearOperator):

@@ -1,9 +1,9 @@
 """passes/spatial.py on whole convolutional networks (the single ops are in the op table).
 
 Every architecture of the convolution issue compiles with every weight random, its mean is the plain forward
-pass and ONNX Runtime equals torch at another batch size; full mode with the GLM is autograd's ``J S J^T`` on them
-and on generated networks; Monte Carlo over the weights is the oracle of the variance; a last-layer laplace-torch
-posterior on a CNN gives laplace-torch's own GLM predictive.
+pass and ONNX Runtime equals torch at another batch size (and image size, where the model allows one); full mode
+with the GLM is autograd's ``J S J^T`` on them and on generated networks; Monte Carlo over the weights is the
+oracle of the variance; a last-layer laplace-torch posterior on a CNN gives laplace-torch's own GLM predictive.
 """
 
 from __future__ import annotations
@@ -41,6 +41,46 @@ def test_every_weight_random_compiles_with_the_plain_mean_and_runs_in_onnx_runti
     np.testing.assert_allclose(out["mean"], mean2.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out["covariance" if covariance == "full" else "variance"], var2.numpy(),
                                rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, covariance", [("resnet", "diag"), ("resnet", "full"), ("unet", "diag")])
+def test_a_fully_convolutional_network_takes_another_image_size(tmp_path, name, covariance):
+    """The image size stays dynamic where the model allows it: at another size the mean is the plain forward
+    pass, the variance is that of the model compiled at that size, and ONNX Runtime equals torch."""
+    model, posterior = make_cnn(name), random_posterior(make_cnn(name), 1e-4)
+    options = dict(covariance=covariance, predictive="glm" if covariance == "full" else "suq")
+    cm = mp.compile(model, posterior, (cnn_input(name, 2),), **options)
+    x = cnn_input(name, 3, size=22, seed=1)
+    mean, var = cm(x)
+    with torch.no_grad():
+        torch.testing.assert_close(mean, model(x), rtol=1e-5, atol=1e-6)
+    _, expected = mp.compile(model, posterior, (x,), **options)(x)
+    torch.testing.assert_close(var, expected, rtol=1e-4, atol=1e-9)
+    out = mp.OnnxRunner(cm.to_onnx(tmp_path / "cnn.onnx"), threads=1)(x.numpy())
+    np.testing.assert_allclose(out["covariance" if covariance == "full" else "variance"], var.numpy(), rtol=1e-3,
+                               atol=1e-9)
+
+
+def test_an_image_size_the_model_does_not_take_is_refused_with_a_clear_error():
+    """LeNet flattens 16 x 4 x 4 features into a linear layer: 17 x 17 images also give 4 x 4, 20 x 20 do not."""
+    model = make_cnn("lenet")
+    cm = mp.compile(model, random_posterior(model, 1e-4), (cnn_input("lenet", 2),), covariance="diag")
+    x = cnn_input("lenet", 3, size=17)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x)[0], model(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(mp.InputError, match=r"inputs of shapes \(3, 1, 20, 20\) are not ones the model takes"):
+        cm(cnn_input("lenet", 3, size=20))
+
+
+@pytest.mark.slow
+def test_adaptive_pooling_to_a_grid_keeps_the_example_image_size():
+    """ONNX export would fix an adaptive pooling to 2 x 2 to the example's kernel, so the image size stays fixed."""
+    model = make_cnn("mobile")
+    cm = mp.compile(model, random_posterior(model, 1e-4), (cnn_input("mobile", 2),), covariance="diag")
+    with pytest.raises(mp.InputError, match=r"has shape \(3, 1, 20, 20\); the model was compiled for \(batch, 1, 16, "
+                                            r"16\)"):
+        cm(cnn_input("mobile", 3, size=20))
 
 
 @pytest.mark.parametrize("name", [
