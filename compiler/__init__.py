@@ -88,6 +88,7 @@ def compile(
     variance_scale: float = 1.0,
     link: str | None = None,
     input_variance: bool = False,
+    dynamic_image_size: bool = False,
     attention: str = "paper",
     predictive: str | None = None,
     activations: str | None = None,
@@ -116,6 +117,10 @@ def compile(
             Default: "pairwise" for two classes with ``predictive="suq"``, "probit" otherwise.
         input_variance: add one elementwise variance input per model input (named ``input_variance``, or
             ``<input name>_variance`` for several inputs), to push a Gaussian over the inputs through the network.
+        dynamic_image_size: let image inputs (floating, 3-d to 5-d) take other heights and widths, in torch and in
+            the ONNX file, where the model allows it (a fully convolutional network); the image size stays the
+            example's where the model, a rule or ONNX export needs it (an adaptive pooling to a grid).  Off by
+            default: symbolic image sizes make compiling a CNN several times slower.
         attention: ``"paper"`` (queries and keys deterministic: attention weights from the means) or
             ``"linearised"`` (the softmax linearised, so uncertainty in queries and keys propagates too).
         predictive: ``"suq"`` (the paper's moment matching) or ``"glm"`` (first order in the weights: with
@@ -130,7 +135,8 @@ def compile(
     """
     keywords = dict(
         covariance=covariance, likelihood=likelihood, sigma_noise=sigma_noise, output_covariance=output_covariance,
-        variance_scale=variance_scale, link=link, input_variance=input_variance, attention=attention,
+        variance_scale=variance_scale, link=link, input_variance=input_variance,
+        dynamic_image_size=dynamic_image_size, attention=attention,
         predictive=predictive, activations=activations,
     )
     interpreter, program, inputs = _interpreter(model, posterior, example_inputs, keywords)
@@ -235,7 +241,7 @@ def _interpreter(model: nn.Module, posterior: object, example_inputs, keywords: 
     variances = read_posterior(model, posterior)
     with quiet_torch():
         with deterministic_meanfield(model):
-            program = capture(model, inputs)
+            program = capture(model, inputs, images=options.dynamic_image_size)
         if "covariance" in automatic:
             widest = max((p.shape[0] for p in model.parameters() if p.dim()), default=1)
             kernels = random_kernel_entries(program, variances)

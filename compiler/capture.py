@@ -1,5 +1,5 @@
-"""Step 1: capture the model as an ATen graph with torch.export, batch size, sequence length and image size
-dynamic (the last two where the model allows).
+"""Step 1: capture the model as an ATen graph with torch.export, batch size, sequence length and (on request) image
+size dynamic (the last two where the model allows).
 
 Decomposition goes down to core ATen except for the ops that have a moment rule of their own (``linear``,
 ``gelu``, ``silu``, ...): keeping those whole gives smaller graphs, and composites we do not keep are still
@@ -124,15 +124,16 @@ def _takes_varargs(model: nn.Module) -> bool:
     return any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters)
 
 
-def _export(model: nn.Module, inputs: tuple) -> ExportedProgram:
-    """torch.export with a dynamic image size where the model and ONNX export allow it, else a fixed one."""
+def _export(model: nn.Module, inputs: tuple, images: bool) -> ExportedProgram:
+    """torch.export; with ``images``, a dynamic image size where the model and ONNX export allow it, else a fixed
+    one."""
     def export(images: bool) -> ExportedProgram:
         shapes = dynamic_shapes(inputs, images)
         if _takes_varargs(model):  # forward(*xs): torch.export wants the specs of the varargs nested
             shapes = (shapes,)
         return torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
 
-    if not any(is_image(x) for x in inputs):
+    if not images or not any(is_image(x) for x in inputs):
         return export(images=False)
     try:
         program = export(images=True)
@@ -143,9 +144,9 @@ def _export(model: nn.Module, inputs: tuple) -> ExportedProgram:
     return export(images=False)
 
 
-def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> ExportedProgram:
-    """Export ``model`` in eval mode with a dynamic batch (and image size) and decompose it to the op set of the
-    rules."""
+def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor], images: bool = False) -> ExportedProgram:
+    """Export ``model`` in eval mode with a dynamic batch (with ``images``: and image size, where the model allows
+    it) and decompose it to the op set of the rules."""
     inputs = with_batch_of_two(example_inputs)
     with eval_mode(model), torch.no_grad():
         try:
@@ -157,7 +158,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Exporte
                 "pass example inputs that model(*example_inputs) accepts"
             ) from exc
         try:
-            program = _export(model, inputs)
+            program = _export(model, inputs, images)
         except Exception as exc:
             raise CaptureError(
                 f"torch.export could not capture {type(model).__name__} with a dynamic batch dimension: "

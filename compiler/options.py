@@ -113,6 +113,7 @@ class Options:
     variance_scale: float = 1.0
     link: str = "probit"
     input_variance: bool = False
+    dynamic_image_size: bool = False
     attention: str = "paper"
     predictive: str = "suq"
     activations: str = "linearised"
@@ -153,6 +154,7 @@ class Options:
             "variance_scale": variance_scale,
             "output_covariance": _flag("output_covariance", self.output_covariance) and self.covariance == "diag",
             "input_variance": _flag("input_variance", self.input_variance),
+            "dynamic_image_size": _flag("dynamic_image_size", self.dynamic_image_size),
             # the GLM predictive linearises everything, the attention weights included
             "attention": "linearised" if self.predictive == "glm" else self.attention,
         }
@@ -181,6 +183,7 @@ class Options:
             "likelihood": self.likelihood or "none",
             "link": self.link,
             "input_variance": self.input_variance,
+            "dynamic_image_size": self.dynamic_image_size,
             "attention": self.attention,
             "predictive": self.predictive,
             "activations": self.activations,

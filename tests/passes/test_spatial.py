@@ -50,7 +50,7 @@ def test_a_fully_convolutional_network_takes_another_image_size(tmp_path, name, 
     pass, the variance is that of the model compiled at that size, and ONNX Runtime equals torch."""
     model, posterior = make_cnn(name), random_posterior(make_cnn(name), 1e-4)
     options = dict(covariance=covariance, predictive="glm" if covariance == "full" else "suq")
-    cm = mp.compile(model, posterior, (cnn_input(name, 2),), **options)
+    cm = mp.compile(model, posterior, (cnn_input(name, 2),), dynamic_image_size=True, **options)
     x = cnn_input(name, 3, size=22, seed=1)
     mean, var = cm(x)
     with torch.no_grad():
@@ -62,10 +62,19 @@ def test_a_fully_convolutional_network_takes_another_image_size(tmp_path, name, 
                                atol=1e-9)
 
 
+def test_the_image_size_is_the_examples_by_default():
+    model = make_cnn("resnet")
+    cm = mp.compile(model, random_posterior(model, 1e-4), (cnn_input("resnet", 2),), covariance="diag")
+    with pytest.raises(mp.InputError, match=r"has shape \(3, 1, 22, 22\); the model was compiled for \(batch, 1, 16, "
+                                            r"16\)"):
+        cm(cnn_input("resnet", 3, size=22))
+
+
 def test_an_image_size_the_model_does_not_take_is_refused_with_a_clear_error():
     """LeNet flattens 16 x 4 x 4 features into a linear layer: 17 x 17 images also give 4 x 4, 20 x 20 do not."""
     model = make_cnn("lenet")
-    cm = mp.compile(model, random_posterior(model, 1e-4), (cnn_input("lenet", 2),), covariance="diag")
+    cm = mp.compile(model, random_posterior(model, 1e-4), (cnn_input("lenet", 2),), covariance="diag",
+                    dynamic_image_size=True)
     x = cnn_input("lenet", 3, size=17)
     with torch.no_grad():
         torch.testing.assert_close(cm(x)[0], model(x), rtol=1e-5, atol=1e-6)
@@ -77,7 +86,8 @@ def test_an_image_size_the_model_does_not_take_is_refused_with_a_clear_error():
 def test_adaptive_pooling_to_a_grid_keeps_the_example_image_size():
     """ONNX export would fix an adaptive pooling to 2 x 2 to the example's kernel, so the image size stays fixed."""
     model = make_cnn("mobile")
-    cm = mp.compile(model, random_posterior(model, 1e-4), (cnn_input("mobile", 2),), covariance="diag")
+    cm = mp.compile(model, random_posterior(model, 1e-4), (cnn_input("mobile", 2),), covariance="diag",
+                    dynamic_image_size=True)
     with pytest.raises(mp.InputError, match=r"has shape \(3, 1, 20, 20\); the model was compiled for \(batch, 1, 16, "
                                             r"16\)"):
         cm(cnn_input("mobile", 3, size=20))
