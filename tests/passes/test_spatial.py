@@ -70,6 +70,7 @@ def test_the_image_size_is_the_examples_by_default():
         cm(cnn_input("resnet", 3, size=22))
 
 
+@pytest.mark.slow  # symbolic image sizes make the compile slower (8 s)
 def test_an_image_size_the_model_does_not_take_is_refused_with_a_clear_error():
     """LeNet flattens 16 x 4 x 4 features into a linear layer: 17 x 17 images also give 4 x 4, 20 x 20 do not."""
     model = make_cnn("lenet")
