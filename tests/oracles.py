@@ -311,23 +311,36 @@ class _Concat(nn.Module):
         return torch.cat([x, self.body(x)], 1)
 
 
+class _Reduce(nn.Module):
+    """``x.sum(dims)`` (a reduction over dims other than the trailing ones, flattened after)."""
+
+    def __init__(self, dims: tuple[int, ...]):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.sum(self.dims).flatten(1)
+
+
 def random_cnn(seed: int) -> tuple[nn.Module, tuple[int, ...]]:
-    """A seeded random convolutional network for 2-d (or 1-d) images and its input shape (without the batch): 2-4
-    layers drawn from convolutions (stride, padding, dilation, groups, transposed), activations, batch and group
-    norm, max and average pooling, padding, upsampling, residual and concatenating skips; then a global average
-    pool and a linear head of 3 outputs."""
+    """A seeded random convolutional network for 1-d, 2-d or 3-d images and its input shape (without the batch):
+    2-4 layers drawn from convolutions (stride, padding, dilation, groups, transposed in 1-d and 2-d), activations,
+    batch and group norm, max and average pooling, padding, upsampling, residual and concatenating skips; then a
+    global average pool, or a sum over the channels and the first spatial dim, and a linear head of 3 outputs."""
     g = torch.Generator().manual_seed(seed)
 
     def pick(options):
         return options[int(torch.randint(len(options), (1,), generator=g))]
 
-    dims = pick([1, 2, 2])
-    conv_cls, convt_cls = (nn.Conv1d, nn.ConvTranspose1d) if dims == 1 else (nn.Conv2d, nn.ConvTranspose2d)
+    dims = pick([1, 2, 2, 3])
+    conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    convt_cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: None}[dims]
+    norm_cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
     torch.manual_seed(seed)
-    channels, size, layers = 2, 9, []
+    channels, size, layers = 2, 9 if dims < 3 else 5, []
     for _ in range(int(torch.randint(2, 5, (1,), generator=g))):
         kind = pick(["conv", "conv", "transposed", "norm", "pool", "pad", "upsample", "skip", "concat"])
-        if kind == "conv" or size < 4:
+        if kind == "conv" or size < 4 or (kind == "transposed" and convt_cls is None):
             out = pick([2, 4])
             groups = pick([1, 2]) if out % 2 == 0 and channels % 2 == 0 else 1
             stride, dilation = pick([1, 1, 2]), pick([1, 2])
@@ -343,30 +356,38 @@ def random_cnn(seed: int) -> tuple[nn.Module, tuple[int, ...]]:
             layers += [convt_cls(channels, 2, 2, stride, output_padding=stride - 1), nn.Tanh()]
             size, channels = (size - 1) * stride + 2 + stride - 1, 2
         elif kind == "norm":
-            layers.append(nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels))
+            layers.append(norm_cls(channels))
             if channels % 2 == 0 and pick([True, False]):
                 layers.append(nn.GroupNorm(2, channels))
         elif kind == "pool":
-            pool = pick(["max", "avg"])
-            layers.append({("max", 1): nn.MaxPool1d(2), ("max", 2): nn.MaxPool2d(2), ("avg", 1): nn.AvgPool1d(2),
-                           ("avg", 2): nn.AvgPool2d(2)}[(pool, dims)])
+            pool = pick([nn.MaxPool1d, nn.AvgPool1d] if dims == 1 else [nn.MaxPool2d, nn.AvgPool2d] if dims == 2
+                        else [nn.MaxPool3d, nn.AvgPool3d])
+            layers.append(pool(2))
             size //= 2
         elif kind == "pad":
-            layers.append(nn.ConstantPad1d((1, 0), 0.0) if dims == 1 else nn.ZeroPad2d((0, 1, 1, 0)))
+            layers.append({1: nn.ConstantPad1d((1, 0), 0.0), 2: nn.ZeroPad2d((0, 1, 1, 0)),
+                           3: nn.ConstantPad3d((0, 1, 1, 0, 0, 1), 0.0)}[dims])
             size += 1
         elif kind == "upsample":
-            layers.append(nn.Upsample(scale_factor=2, mode=pick(["nearest", "linear" if dims == 1 else "bilinear"])))
+            layers.append(nn.Upsample(scale_factor=2, mode=pick(
+                ["nearest", {1: "linear", 2: "bilinear", 3: "trilinear"}[dims]])))
             size *= 2
         elif kind == "skip":
             layers.append(_Skip(nn.Sequential(conv_cls(channels, channels, 3, padding=1), nn.ReLU())))
         else:
             layers.append(_Concat(conv_cls(channels, 2, 3, padding=1)))
             channels += 2
-    pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
-    model = nn.Sequential(*layers, pool, nn.Flatten(), nn.Linear(channels, 3))
+    if pick(["global", "global", "channels"]) == "global":
+        head = [{1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dims](1), nn.Flatten(),
+                nn.Linear(channels, 3)]
+    elif dims == 1:  # a sum over the channels
+        head = [_Reduce((1,)), nn.Linear(size, 3)]
+    else:  # a sum over the channels and the first spatial dim: dims that are not trailing
+        head = [_Reduce((1, 2)), nn.Linear(size ** (dims - 1), 3)]
+    model = nn.Sequential(*layers, *head)
     for module in model.modules():
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             with torch.no_grad():
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 1.5)
-    return model.eval(), ((2, 9) if dims == 1 else (2, 9, 9))
+    return model.eval(), (2, *[9 if dims < 3 else 5] * dims)

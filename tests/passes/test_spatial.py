@@ -116,9 +116,9 @@ GENERATED = range(24)
 
 @pytest.mark.parametrize("seed", [s if s % 12 == 0 else pytest.param(s, marks=pytest.mark.slow) for s in GENERATED])
 def test_glm_full_is_the_jacobian_covariance_on_generated_cnns(seed):
-    """Seeded random networks (``oracles.random_cnn``: 1-d and 2-d, strided, dilated, grouped and transposed
-    convolutions, norms, pooling, padding, upsampling, residual and concatenating skips) against autograd; diag
-    mode compiles them too, with the plain mean."""
+    """Seeded random networks (``oracles.random_cnn``: 1-d to 3-d, strided, dilated, grouped and transposed
+    convolutions, norms, pooling, padding, upsampling, residual and concatenating skips, global pooling or a sum
+    over dims that are not trailing) against autograd; diag mode compiles them too, with the plain mean."""
     model, shape = random_cnn(seed)
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
     posterior = random_posterior(model, 1e-3, seed=seed)
