@@ -58,6 +58,21 @@ def _describe(node: torch.fx.Node) -> str:
     return f"{module}{source}"
 
 
+def _shares_live_noise(value: Moment, node: torch.fx.Node, env: dict, needed: set[torch.fx.Node]) -> bool:
+    """Whether ``value`` (``node``'s) draws on a noise that a value still to be used after ``node`` draws on too,
+    or has a projection's shared noise (attention)."""
+    if any(t.shared is not None for t in value.terms):
+        return True
+    groups = {id(t.noise.group) for t in value.terms}
+    for other, held in env.items():
+        if all(user in env or user is node or user not in needed for user in other.users):
+            continue
+        for leaf in pytree.tree_leaves(held):
+            if isinstance(leaf, Moment) and any(id(t.noise.group) in groups for t in leaf.terms):
+                return True
+    return False
+
+
 class MomentInterpreter(nn.Module):
     """Runs the captured graph with moment rules; returns (mean, variance-or-covariance[, head output])."""
 
@@ -102,6 +117,9 @@ class MomentInterpreter(nn.Module):
             pytree.tree_map_only(Moment, lambda m: _check_full_size(m, _describe(node)), out)
         else:  # the diag policy: matrix maps collapse where they are formed
             out = pytree.tree_map_only(Moment, Moment.collapsed_matrix_maps, out)
+            if node in self.facts.variance_only and isinstance(out, Moment) and len(out.terms) > 1 \
+                    and not _shares_live_noise(out, node, env, self.facts.needed):
+                out = Moment.diagonal(out.mean, out.variance())
         return out
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -66,7 +66,7 @@ def def_deriv(op, derivative: Callable[..., Tensor | float], moments: Moments | 
     rule.__doc__ = f"{op}: mean f(m); every map scaled by f'(m)" + (
         "; moment matched on request." if matched else ".")
     rule.gaussian_moments = matched
-    register(op, whole=True)(rule)
+    register(op, whole=True, reads="entrywise")(rule)
     return rule
 
 

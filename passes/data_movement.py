@@ -57,7 +57,7 @@ def def_copy(*ops) -> None:
 
         rule.__name__ = f"copy_{op.__name__.replace('.', '_')}"
         rule.__doc__ = f"{op}: a copy; the same maps and noises."
-        register(op, whole=True)(rule)
+        register(op, whole=True, reads="entrywise")(rule)
 
 
 def _reshaped(x: Tensor, y: Tensor, *args, **kwargs) -> Move:
@@ -100,7 +100,7 @@ COPIES = (aten.clone.default, aten.alias.default, aten.detach.default, aten.lift
 def_copy(*COPIES)
 
 
-@register(aten.dropout.default)
+@register(aten.dropout.default, reads="entrywise")
 def dropout(ctx: RuleContext, x: Moment, p: float = 0.5, train: bool = False) -> Moment:
     """Dropout at inference is the identity."""
     return x

@@ -56,7 +56,7 @@ def defbilinear(op, product: Callable[..., Tensor], left_partial, right_partial)
 
     rule.__name__ = f"bilinear_{op.__name__.replace('.', '_')}"
     rule.__doc__ = f"{op}: bilinear; JVP ``b da + a db``, plus the second-order term under suq."
-    register(op)(rule)
+    register(op, reads="entrywise")(rule)
     return rule
 
 
@@ -65,34 +65,34 @@ def _as_tensor(x) -> Tensor | float:
 
 
 mul = defbilinear(aten.mul.Tensor, aten.mul.Tensor, _as_tensor, _as_tensor)
-register(aten.mul.Scalar)(mul)
+register(aten.mul.Scalar, reads="entrywise")(mul)
 
 
-@register(aten.add.Tensor, aten.add.Scalar)
+@register(aten.add.Tensor, aten.add.Scalar, reads="entrywise")
 def add(ctx: RuleContext, a, b, alpha=1) -> Moment:
     """``a + alpha b``: linear; maps of shared noises add (exact)."""
     return combine(aten.add.Tensor(mean_of(a), mean_of(b), alpha=alpha), [(1.0, a), (float(alpha), b)])
 
 
-@register(aten.sub.Tensor, aten.sub.Scalar)
+@register(aten.sub.Tensor, aten.sub.Scalar, reads="entrywise")
 def sub(ctx: RuleContext, a, b, alpha=1) -> Moment:
     """``a - alpha b``: linear (exact)."""
     return combine(aten.sub.Tensor(mean_of(a), mean_of(b), alpha=alpha), [(1.0, a), (-float(alpha), b)])
 
 
-@register(aten.rsub.Scalar, aten.rsub.Tensor, whole=True)
+@register(aten.rsub.Scalar, aten.rsub.Tensor, whole=True, reads="entrywise")
 def rsub(ctx: RuleContext, a, b, alpha=1) -> Moment:
     """``b - alpha a``."""
     return sub(ctx, b, a, alpha)
 
 
-@register(aten.neg.default)
+@register(aten.neg.default, reads="entrywise")
 def neg(ctx: RuleContext, a: Moment) -> Moment:
     """``-a``: linear (exact)."""
     return a.scaled(-a.mean, -1.0)
 
 
-@register(aten.div.Tensor, aten.div.Scalar)
+@register(aten.div.Tensor, aten.div.Scalar, reads="entrywise")
 def div(ctx: RuleContext, a, b) -> Moment:
     """``a / b`` linearised: d/da = 1/m_b, d/db = -m_a/m_b^2 (exact when only ``a`` is random)."""
     mean = aten.div.Tensor(mean_of(a), mean_of(b))
@@ -116,7 +116,7 @@ def pow_tensor(ctx: RuleContext, a, b) -> Moment:
     return combine(mean, [(d_a, a), (d_b, b)])
 
 
-@register(aten.where.self)
+@register(aten.where.self, reads="entrywise")
 def where(ctx: RuleContext, condition: Tensor, a, b) -> Moment:
     """``where(c, a, b)`` selects elementwise; the selected operand's maps pass unchanged (exact)."""
     condition = mean_of(condition)

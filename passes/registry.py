@@ -13,6 +13,15 @@ rules never test for ``diag`` or ``full``.  Rules come in families, each a const
 * composites (``normalisation.py``): written with the other rules.
 
 Registering an op twice is an error.  ``whole=True`` marks a composite that capture must not decompose.
+``reads`` tells the rewrite how a rule uses its random operands, so that under ``covariance="diag"`` a value whose
+noises nothing downstream tells apart can be carried as one variance (``compiler/prepass.py``):
+
+* ``"entrywise"``: each output entry depends only on the entry at the same position of each operand shaped like the
+  output (elementwise ops, copies);
+* ``"moves"``: data movement that puts each entry of its first operand in at most one place (padding);
+* ``"variance"``: under the diag policy the rule reads its first operand only through its elementwise variance (a
+  convolution's paper rule);
+* ``None``: anything else (reductions, matrix products, ...): the operand's maps and noises may matter.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Callable, Literal
 import torch
 
 Covariance = Literal["diag", "full"]
+Reads = Literal["entrywise", "moves", "variance", None]
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class RuleContext:
 class Rule:
     fn: Callable
     whole: bool
+    reads: Reads = None
 
 
 RULES: dict[object, Rule] = {}
@@ -69,15 +80,16 @@ class DuplicateRuleError(ValueError):
     """An op was registered twice."""
 
 
-def register(*ops: object, whole: bool = False) -> Callable[[Callable], Callable]:
+def register(*ops: object, whole: bool = False, reads: Reads = None) -> Callable[[Callable], Callable]:
     """Register ``fn`` as the moment rule of ``ops`` (OpOverloads, OpOverloadPackets or Python callables).
-    ``whole``: capture keeps the op whole instead of decomposing it (its rule linearises it as one function)."""
+    ``whole``: capture keeps the op whole instead of decomposing it (its rule linearises it as one function);
+    ``reads``: how the rule uses its random operands (see the module)."""
 
     def decorate(fn: Callable) -> Callable:
         for op in ops:
             if op in RULES:
                 raise DuplicateRuleError(f"a moment rule for {op} is already registered ({RULES[op].fn.__qualname__})")
-            RULES[op] = Rule(fn, whole)
+            RULES[op] = Rule(fn, whole, reads)
         return fn
 
     return decorate

@@ -309,7 +309,7 @@ def topk(ctx: RuleContext, x: Moment, k: int, dim: int = -1, largest: bool = Tru
     return _permuted_by_the_mean(x, values, indices, dim), indices
 
 
-@register(aten.constant_pad_nd.default, whole=True)
+@register(aten.constant_pad_nd.default, whole=True, reads="moves")
 def constant_pad_nd(ctx: RuleContext, x: Moment, pad, value=0.0) -> Moment:
     """Padding with a constant: the maps are padded with zeros (negative pads crop; exact)."""
     mean = aten.constant_pad_nd.default(x.mean, pad, value)
@@ -368,7 +368,7 @@ def max_pool_with_indices(ctx: RuleContext, x: Moment, kernel_size, stride=(), p
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@register(aten.convolution.default, whole=True)
+@register(aten.convolution.default, whole=True, reads="variance")
 def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, transposed, output_padding,
                 groups) -> Moment:
     """``conv(x, W) + b``: the paper's linear-layer rule per output location, as convolutions:

@@ -252,9 +252,37 @@ class _UNet(nn.Module):
         return self.out(h).mean((2, 3))
 
 
+class _InvertedResidual(nn.Module):
+    """An EfficientNet-Lite (MBConv) block: 1x1 expansion, padded depthwise 3x3, 1x1 projection, each with batch
+    norm, ReLU6 between, and the skip."""
+
+    def __init__(self, channels: int, expanded: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, expanded, 1, bias=False), nn.BatchNorm2d(expanded), nn.ReLU6(),
+            nn.ZeroPad2d(1), nn.Conv2d(expanded, expanded, 3, groups=expanded, bias=False), nn.BatchNorm2d(expanded),
+            nn.ReLU6(), nn.Conv2d(expanded, channels, 1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class _SharedNorm(nn.Module):
+    """One batch norm applied to two branches, added before the next convolution (its noise reaches both)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+        self.bn, self.conv3, self.head = nn.BatchNorm2d(4), nn.Conv2d(4, 2, 3), nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.head(self.conv3(torch.relu(self.bn(self.conv1(x))) + self.bn(self.conv2(x))).mean((2, 3)))
+
+
 def make_cnn(name: str, seed: int = 0) -> nn.Module:
     """``lenet``, ``resnet`` (skips, batch norm, global average pooling), ``unet``, ``mobile`` (depthwise +
-    pointwise, ReLU6, padding, group norm), ``conv1d`` (a sequence of 16 steps, dilated)."""
+    pointwise, ReLU6, padding, group norm), ``conv1d`` (a sequence of 16 steps, dilated); and ``mbconv``
+    (EfficientNet-Lite's blocks) and ``shared_norm`` (one batch norm on two branches)."""
     torch.manual_seed(seed)
     if name == "lenet":
         model = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
@@ -274,6 +302,13 @@ def make_cnn(name: str, seed: int = 0) -> nn.Module:
     elif name == "conv1d":
         model = nn.Sequential(nn.Conv1d(3, 8, 3, dilation=2), nn.Tanh(), nn.ConvTranspose1d(8, 4, 2, stride=2),
                               nn.AvgPool1d(2), nn.Flatten(), nn.Linear(4 * 12, 5))
+    elif name == "mbconv":
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+                              _InvertedResidual(8, 16), _InvertedResidual(8, 24), nn.Conv2d(8, 16, 1, bias=False),
+                              nn.BatchNorm2d(16), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(16, 10))
+    elif name == "shared_norm":
+        model = _SharedNorm()
     else:
         raise ValueError(name)
     for module in model.modules():
@@ -281,6 +316,9 @@ def make_cnn(name: str, seed: int = 0) -> nn.Module:
             with torch.no_grad():
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 1.5)
+                if name in ("mbconv", "shared_norm"):
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.uniform_(-0.2, 0.2)
     return model.eval()
 
 

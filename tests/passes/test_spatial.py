@@ -8,6 +8,8 @@ oracle of the variance; a last-layer laplace-torch posterior on a CNN gives lapl
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -129,6 +131,51 @@ def test_glm_full_is_the_jacobian_covariance_on_generated_cnns(seed):
     with torch.no_grad():
         torch.testing.assert_close(diag_mean, model(x), rtol=1e-5, atol=1e-6)
     assert (diag_var > 0).all()
+
+
+def _diag_pair(monkeypatch, model, x, posterior, **options):
+    """``model`` compiled in diag mode as it is, and with no value carried as one variance."""
+    carried = mp.compile(model, posterior, (x,), covariance="diag", **options)
+    monkeypatch.setattr(importlib.import_module("momentprop.prepass"), "_variance_only", lambda *args: set())
+    per_term = mp.compile(model, posterior, (x,), covariance="diag", **options)
+    monkeypatch.undo()
+    return carried, per_term
+
+
+@pytest.mark.parametrize("case", ["mbconv", "resnet", "shared_norm", "moment_matched", 0, 5,
+                                  *[pytest.param(s, marks=pytest.mark.slow) for s in (1, 2, 3, 4, 6, 7, 8, 9)]])
+def test_diag_mode_carries_a_value_nothing_tells_apart_as_one_variance(monkeypatch, case):
+    """Under covariance="diag", a value whose every path to the output runs through entrywise ops and padding
+    into convolutions (which read only its variance there) is carried as one fresh noise of its variance where
+    no live value shares its noises (``prepass._variance_only``): a batch norm's four terms become one.  The
+    result equals the per-term one to float32 rounding, on MBConv blocks, the ResNet, generated CNNs and a batch
+    norm shared by two branches (where the live-noise check must refuse)."""
+    if isinstance(case, int):
+        model, shape = random_cnn(case)
+        x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(case))
+    else:
+        name = "mbconv" if case == "moment_matched" else case
+        model, x = make_cnn(name), cnn_input(name, 2)
+    options = {"activations": "moment_matched"} if case == "moment_matched" else {}
+    posterior = random_posterior(model, 1e-3, seed=7)
+    carried, per_term = _diag_pair(monkeypatch, model, x, posterior, **options)
+    (mean, var), (mean0, var0) = carried(x), per_term(x)
+    torch.testing.assert_close(mean, mean0, rtol=1e-5, atol=1e-7)  # moment matching: the mean reads variances
+    torch.testing.assert_close(var, var0, rtol=1e-5, atol=0)
+    if case in ("mbconv", "moment_matched", "resnet"):  # batch norms with random scale and shift: fewer ops
+        assert len(carried.program.graph.nodes) < len(per_term.program.graph.nodes)
+
+
+def test_the_live_noise_check_is_what_keeps_a_shared_batch_norm_exact(monkeypatch):
+    """Without the live-noise check the first branch of ``shared_norm`` would lose its correlation with the
+    second (one batch norm's noise): the test above can fail."""
+    model, x = make_cnn("shared_norm"), cnn_input("shared_norm", 2)
+    posterior = random_posterior(model, 1e-2, seed=7)
+    monkeypatch.setattr(importlib.import_module("momentprop.rewrite"), "_shares_live_noise", lambda *args: False)
+    unchecked = mp.compile(model, posterior, (x,), covariance="diag")(x)[1]
+    monkeypatch.undo()
+    exact = _diag_pair(monkeypatch, model, x, posterior)[1](x)[1]
+    assert median_relative_error(unchecked.double(), exact.double()) > 1e-3
 
 
 @pytest.mark.slow
