@@ -43,7 +43,7 @@ from .moment import (
     is_random, maps_over_entries, mean_of, merged, pad_move, padding_matrix, permute_move, reshape_move, same_shape,
     slice_move,
 )
-from .normalisation import _normalised_moment, _per_channel
+from .normalisation import _normalised_moment, _per_channel, batch_norm
 from .operators import (
     ConvolutionOperator, ConvolutionWeightOperator, GatherOperator, SeparableOperator, StandardisationOperator,
     TransposedConvolutionWeightOperator,
@@ -519,10 +519,24 @@ def native_group_norm(ctx: RuleContext, x, weight, bias, n: int, channels: int, 
     return _affine(ctx, out, weight, bias, out_mean), centre, inv_std
 
 
+@register(aten.instance_norm.default, whole=True)
+def instance_norm(ctx: RuleContext, x, weight, bias, running_mean, running_var, use_input_stats: bool,
+                  momentum: float, eps: float, cudnn_enabled: bool = False) -> Moment | Tensor:
+    """InstanceNorm: with each image's own statistics it is GroupNorm with one group per channel (kept whole, so
+    full mode keeps its maps over each image; decomposed, it folds the batch into the channels); with running
+    statistics, eval-mode batch norm."""
+    if not use_input_stats:
+        return batch_norm(ctx, x, weight, bias, running_mean, running_var, momentum, eps)[0]
+    x_mean = mean_of(x)
+    n, channels = x_mean.shape[:2]
+    return native_group_norm(ctx, x, weight, bias, n, channels, x_mean[0, 0].numel(), channels, eps)[0]
+
+
 @register(aten._native_batch_norm_legit.no_stats, whole=True)
-def instance_norm(ctx: RuleContext, x, weight, bias, training: bool, momentum: float, eps: float):
-    """Batch statistics of the input itself (how InstanceNorm exports: the batch folded into the channels),
-    linearised at the mean with its statistics, per channel over every other dim (LayerNorm's closed form)."""
+def batch_statistics_norm(ctx: RuleContext, x, weight, bias, training: bool, momentum: float, eps: float):
+    """Batch norm with the statistics of the input itself (``F.batch_norm`` in training mode without running
+    statistics), linearised at the mean with its statistics, per channel over every other dim (LayerNorm's
+    closed form)."""
     x_mean = mean_of(x)
     out_mean, centre, inv_std = aten._native_batch_norm_legit.no_stats(
         x_mean, mean_of(weight), mean_of(bias), training, momentum, eps)
