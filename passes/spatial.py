@@ -382,7 +382,7 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
 
     x_mean, w_mean = mean_of(x), mean_of(weight)
     mean = conv(x_mean, w_mean, mean_of(bias))
-    if _exact_convolution(ctx, x_mean, weight, transposed):
+    if _exact_convolution(ctx, x_mean, weight, transposed, groups):
         return _convolution_maps(ctx, x, weight, bias, mean, conv, stride, padding, dilation, transposed,
                                  output_padding, groups)
     inputs, kernels = [], []  # the variance is the sum of conv(input, kernel) over these pairs
@@ -413,11 +413,12 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
     return merged(mean, terms)
 
 
-def _exact_convolution(ctx: RuleContext, x_mean: Tensor, weight, transposed: bool) -> bool:
+def _exact_convolution(ctx: RuleContext, x_mean: Tensor, weight, transposed: bool, groups: int) -> bool:
     """Full mode keeps a convolution's maps (1-d to 3-d, not a transposed 3-d one; a weight with independent
-    entries)."""
+    entries, or Kronecker factors of an ungrouped, not transposed kernel)."""
     plain_weight = not is_random(weight) or all(
-        t.jacobian is None and type(t.noise) is Noise for t in weight.terms)
+        t.jacobian is None and type(t.noise) is Noise for t in weight.terms) or (
+        _kron_kernel(weight) is not None and groups == 1 and not transposed)
     return ctx.keeps_maps and (x_mean.dim() in (3, 4) or (x_mean.dim() == 5 and not transposed)) and plain_weight
 
 
@@ -440,7 +441,10 @@ def _convolution_maps(ctx: RuleContext, x, weight, bias, mean: Tensor, conv, str
             terms.extend(mapped.terms)
         if is_random(weight) and not ctx.first_order:
             terms.append(Term(Noise(conv(x.propagated_variance(), weight.variance()))))
-    if is_random(weight):
+    kron = _kron_kernel(weight)
+    if kron is not None:
+        terms.append(_kron_kernel_term(kron, x_mean, w_mean.shape, mean, conv))
+    elif is_random(weight):
         operator = TransposedConvolutionWeightOperator(
             x_mean, w_mean.shape, mean.shape[1:], stride, padding, dilation, groups, output_padding) if transposed \
             else ConvolutionWeightOperator(x_mean, w_mean.shape, mean.shape[1:], stride, padding, dilation, groups)
@@ -464,6 +468,26 @@ def _kron_kernel(weight) -> KronNoise | None:
     if is_random(weight) and len(weight.terms) == 1 and isinstance(weight.terms[0].noise, KronNoise):
         return weight.terms[0].noise
     return None
+
+
+def _kron_kernel_term(noise: KronNoise, x_mean: Tensor, kernel_shape, mean: Tensor, conv) -> Term:
+    """Full mode: with ``dW = Q_out Z Q_in^T`` over the kernel matrix (out, in · k...), the weight noise at an
+    output location with patch ``a`` is ``Q_out Z (Q_in^T a)``: the noise ``Z`` (independent entries, variance
+    ``D``; one per weight, so every use of it is one noise) applied by a 1x1 convolution to the rotated input
+    (the convolution with the columns of ``Q_in`` as kernels), then ``Q_out`` as a 1x1 convolution.  Two
+    operators over each image's entries: exact."""
+    out, n = noise.d.shape
+    ones, zeros = [1] * (len(kernel_shape) - 2), [0] * (len(kernel_shape) - 2)
+    rotated = conv(x_mean, noise.q_in.T.reshape(n, *kernel_shape[1:]))
+    spatial = tuple(mean.shape[2:])
+    through_z = ConvolutionWeightOperator(rotated, (out, n, *ones), (out, *spatial), ones, zeros, ones, 1)
+    through_q_out = ConvolutionOperator(noise.q_out.reshape(*noise.q_out.shape, *ones), (out, *spatial),
+                                        (out, *spatial), ones, zeros, ones, 1)
+    root = vars(noise).setdefault("_root", Noise(noise.d.reshape(-1)))
+    rows = mean.shape[0]
+    return Term(root, Layout().then(expand_move((out * n,), (rows, out * n))),
+                MatrixTangent.of(through_z).then(through_q_out),
+                Layout().then(reshape_move((rows, mean[0].numel()), mean.shape)))
 
 
 def _kron_weight_variance(noise: KronNoise, kernel_shape, x_mean: Tensor, x_var: Tensor | None, conv) -> Tensor:

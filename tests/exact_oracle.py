@@ -47,6 +47,11 @@ def _check_posterior(model: nn.Module, posterior: Mapping[str, torch.Tensor]) ->
     out = {}
     for name, var in posterior.items():
         assert name in params, f"posterior names {name!r}, which is not a parameter of the model"
+        if hasattr(var, "q_out"):  # Kronecker factors (mp.Kron): the dense covariance over the flattened entries
+            factor = torch.kron(var.q_out.double(), var.q_in.double())
+            out[name] = factor @ torch.diag(var.d.double().reshape(-1)) @ factor.T
+            assert out[name].shape[0] == params[name].numel(), f"{name}: Kronecker factors of the wrong size"
+            continue
         var = torch.as_tensor(var, dtype=torch.float64)
         shape = tuple(params[name].shape)
         assert var.shape == shape, f"{name}: variance shape {tuple(var.shape)} != {shape}"
@@ -60,7 +65,8 @@ def jacobian_covariance(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact linearised predictive of the model's first output ``out`` (shape ``(..., C)``), in float64.
 
-    For every parameter ``p`` named in ``posterior`` (elementwise variances ``S_p``; the others are fixed),
+    For every parameter ``p`` named in ``posterior`` (elementwise variances ``S_p``, or ``mp.Kron`` factors: the
+    dense Kronecker covariance over its flattened entries; the others are fixed),
     ``J_p = d out / d p`` by reverse-mode autodiff, and
 
         cov[..., i, j] = sum_p sum_k J_p[..., i, k] S_p[k] J_p[..., j, k].
@@ -87,7 +93,11 @@ def jacobian_covariance(
     jac = jacrev(forward)(random)
     for name, j in jac.items():
         j = j.reshape(*out.shape, -1)  # (..., C, P)
-        cov = cov + torch.einsum("...ik,k,...jk->...ij", j, variances[name].reshape(-1), j)
+        s = variances[name]
+        if s.dim() == 2 and s.shape[0] == s.shape[1] == j.shape[-1] and s.numel() != j.shape[-1]:  # dense
+            cov = cov + torch.einsum("...ik,kl,...jl->...ij", j, s, j)
+        else:
+            cov = cov + torch.einsum("...ik,k,...jk->...ij", j, s.reshape(-1), j)
     return out, cov
 
 
