@@ -77,7 +77,7 @@ def _joint(blocks: list[torch.Tensor], full: bool) -> torch.Tensor:
     return torch.block_diag(*rows, torch.zeros(1, 1, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("covariance", MODES)
+@pytest.mark.parametrize("covariance", [pytest.param("diag", marks=pytest.mark.slow), "full"])  # fast loop: full
 @pytest.mark.parametrize("name", list(OPS))
 def test_variance_follows_the_mean(name, covariance):
     fn, exact = OPS[name]
