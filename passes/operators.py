@@ -160,6 +160,36 @@ def _patches_by_slicing(images: Tensor, kernel_size, stride, padding, dilation) 
     return stacked.reshape(images.shape[0], -1, math.prod(outs)).mT
 
 
+def fold(columns: Tensor, size, kernel_size, stride, padding, dilation) -> Tensor:
+    """The adjoint of :func:`patches`: columns ``(N, C * k..., L)`` summed into images ``(N, C, *size)``
+    (PyTorch's ``fold`` in 1-d and 2-d; in 3-d, which ``fold`` lacks, each kernel offset's block spread by the
+    stride and padded into place)."""
+    if len(size) < 3:
+        lead = 2 - len(size)  # a 1-d image as one of height 1
+        out = F.fold(columns, (1,) * lead + tuple(size), (1,) * lead + tuple(kernel_size), (1,) * lead + tuple(
+            dilation), (0,) * lead + tuple(padding), (1,) * lead + tuple(stride))
+        return out.reshape(columns.shape[0], -1, *size)
+    padded = [s + 2 * p for s, p in zip(size, padding)]
+    grid = [(padded[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1 for i, k in enumerate(kernel_size)]
+    blocks = columns.reshape(columns.shape[0], -1, *kernel_size, *grid)
+    out = None
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        block = blocks[(slice(None), slice(None), *offset)]
+        for i, s in enumerate(stride):  # zeros between the positions: (grid - 1) * stride + 1 along each dim
+            if s > 1:
+                spread = F.pad(block.unsqueeze(3 + i), [0, 0] * (len(grid) - 1 - i) + [0, s - 1])
+                block = spread.flatten(2 + i, 3 + i).narrow(2 + i, 0, (grid[i] - 1) * s + 1)
+        pads = []
+        for i in reversed(range(len(grid))):
+            before = offset[i] * dilation[i]
+            pads += [before, padded[i] - before - ((grid[i] - 1) * stride[i] + 1)]
+        placed = F.pad(block, pads)
+        out = placed if out is None else out + placed
+    for i, s in enumerate(size):
+        out = out.narrow(2 + i, padding[i], s)
+    return out
+
+
 class ConvolutionWeightOperator(LinearOperator):
     """The weight noise of a convolution applied to each row's mean input ``a``: from the kernel's entries
     ``(C_out, C_in / groups, k...)`` (flattened) to the output's ``(C_out, *spatial_out)``, per row (batch entry):
@@ -226,20 +256,13 @@ class TransposedConvolutionWeightOperator(LinearOperator):
         """``(N, G, C_in / G, positions)``."""
         return self.inputs.reshape(self.inputs.shape[0], self.groups, self.kernel_shape[0] // self.groups, -1)
 
-    def _fold_args(self) -> tuple:
-        out = self.out_shape[1:]
-        _, kernel, stride, padding, dilation = _as_2d(self.inputs, self.kernel_shape[2:], self.stride, self.padding,
-                                                      self.dilation)
-        return ((1, *out) if len(out) == 1 else tuple(out)), kernel, dilation, padding, stride
-
     def rmatmul(self, j: Tensor) -> Tensor:
         a = self._grouped_inputs()
         n, g, r = a.shape[0], self.groups, j.shape[-2]
         j = per_row(j, (n,))
-        size, kernel, dilation, padding, stride = self._fold_args()
-        images = j.reshape(n * r, self.out_shape[0], *size)
-        unfolded = F.unfold(images, kernel, dilation, padding, stride)  # (N r, C_out k, positions)
-        unfolded = unfolded.reshape(n, r, g, self.kernel_shape[1], math.prod(kernel), -1)
+        images = j.reshape(n * r, *self.out_shape)
+        unfolded = patches(images, self.kernel_shape[2:], self.stride, self.padding, self.dilation).mT
+        unfolded = unfolded.reshape(n, r, g, self.kernel_shape[1], math.prod(self.kernel_shape[2:]), -1)
         return torch.einsum("ngip,nrgokp->nrgiok", a, unfolded).reshape(n, r, self.inp)
 
     def matmul(self, x: Tensor) -> Tensor:
@@ -247,10 +270,10 @@ class TransposedConvolutionWeightOperator(LinearOperator):
         n, g = a.shape[0], self.groups
         x = per_row(x, (n,))
         c = x.shape[-1]
-        size, kernel, dilation, padding, stride = self._fold_args()
-        kernels = x.reshape(n, g, self.kernel_shape[0] // g, self.kernel_shape[1], math.prod(kernel), c)
+        kernels = x.reshape(n, g, self.kernel_shape[0] // g, self.kernel_shape[1], math.prod(self.kernel_shape[2:]),
+                            c)
         columns = torch.einsum("ngip,ngiokc->ncgokp", a, kernels).reshape(n * c, -1, a.shape[-1])
-        out = F.fold(columns, size, kernel, dilation, padding, stride)
+        out = fold(columns, self.out_shape[1:], self.kernel_shape[2:], self.stride, self.padding, self.dilation)
         return out.reshape(n, c, self.out).mT
 
     def squared(self, v: Tensor) -> Tensor:

@@ -414,12 +414,12 @@ def convolution(ctx: RuleContext, x, weight, bias, stride, padding, dilation, tr
 
 
 def _exact_convolution(ctx: RuleContext, x_mean: Tensor, weight, transposed: bool, groups: int) -> bool:
-    """Full mode keeps a convolution's maps (1-d to 3-d, not a transposed 3-d one; a weight with independent
-    entries, or Kronecker factors of an ungrouped, not transposed kernel)."""
+    """Full mode keeps a convolution's maps (1-d to 3-d, transposed too; a weight with independent entries, or
+    Kronecker factors of an ungrouped, not transposed kernel)."""
     plain_weight = not is_random(weight) or all(
         t.jacobian is None and type(t.noise) is Noise for t in weight.terms) or (
         _kron_kernel(weight) is not None and groups == 1 and not transposed)
-    return ctx.keeps_maps and (x_mean.dim() in (3, 4) or (x_mean.dim() == 5 and not transposed)) and plain_weight
+    return ctx.keeps_maps and x_mean.dim() in (3, 4, 5) and plain_weight
 
 
 def _convolution_maps(ctx: RuleContext, x, weight, bias, mean: Tensor, conv, stride, padding, dilation,

@@ -362,7 +362,7 @@ class _Reduce(nn.Module):
 
 def random_cnn(seed: int) -> tuple[nn.Module, tuple[int, ...]]:
     """A seeded random convolutional network for 1-d, 2-d or 3-d images and its input shape (without the batch):
-    2-4 layers drawn from convolutions (stride, padding, dilation, groups, transposed in 1-d and 2-d), activations,
+    2-4 layers drawn from convolutions (stride, padding, dilation, groups, transposed), activations,
     batch and group norm, max and average pooling, padding, upsampling, residual and concatenating skips; then a
     global average pool, or a sum over the channels and the first spatial dim, and a linear head of 3 outputs."""
     g = torch.Generator().manual_seed(seed)
@@ -372,7 +372,7 @@ def random_cnn(seed: int) -> tuple[nn.Module, tuple[int, ...]]:
 
     dims = pick([1, 2, 2, 3])
     conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
-    convt_cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: None}[dims]
+    convt_cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
     norm_cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
     torch.manual_seed(seed)
     channels, size, layers = 2, 9 if dims < 3 else 5, []

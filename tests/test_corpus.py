@@ -449,7 +449,7 @@ KNOWN_INEXACT: dict[str, dict[str, str]] = {
 
 
 # the fast loop (pytest -m "not slow") checks the first FAST programs; the whole corpus runs in CI
-FAST = 3 * GROUP
+FAST = 2 * GROUP
 
 
 def _params(check: str):

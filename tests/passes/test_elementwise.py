@@ -63,7 +63,7 @@ class Unary(nn.Module):
         return self.fn(self.src(x), self.c)
 
 
-@pytest.mark.parametrize("covariance", MODES)
+@pytest.mark.parametrize("covariance", [pytest.param("diag", marks=pytest.mark.slow), "full"])  # fast loop: full
 @pytest.mark.parametrize("name", list(UNARY))
 def test_one_random_operand(name, covariance):
     """Exact for affine maps (c^2 var, var/c^2, var unchanged), linearised otherwise: f'(m)^2 v or J Sigma J.
