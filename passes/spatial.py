@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .elementwise import add, mul
+from .elementwise import add, mul, second_order_product
 from .moment import (
-    Layout, MatrixTangent, Moment, Noise, Term, _numeric, broadcast_to, embedding_move, expand_move, flat_map,
+    Layout, MatrixTangent, Moment, Noise, Term, _numeric, broadcast_to, combine, embedding_move, expand_move, flat_map,
     is_random, maps_over_entries, mean_of, merged, pad_move, padding_matrix, permute_move, reshape_move, same_shape,
     slice_move,
 )
@@ -257,17 +257,24 @@ def embedding_bag(ctx: RuleContext, weight, indices: Tensor, offsets: Tensor, sc
     """``nn.EmbeddingBag``: the rows of the table looked up (as ``embedding``; times ``per_sample_weights`` in sum
     mode, a product), then a ``(bags, rows)`` matrix along the looked-up rows: ones per bag (``mode`` 0, sum), one
     over the bag's size (1, mean; ``padding_idx`` rows left out of both; exact), or per feature the row that wins at
-    the mean (2, max; the winner taken as fixed)."""
+    the mean (2, max; the winner taken as fixed).  Random per-sample weights are shared by a row's features, which a
+    map along the rows would collapse: their noise goes to each bag's features through one ``(D, rows)`` matrix per
+    bag, ``matrix[b, i] * rows[i, d]`` (exact)."""
     weight_mean = mean_of(weight)
     outputs = aten._embedding_bag.default(weight_mean, indices, offsets, scale_grad_by_freq, mode, sparse,
                                           mean_of(per_sample_weights), include_last_offset, padding_idx)
     rows_mean = aten.embedding.default(weight_mean, indices)
     rows = weight.moved(rows_mean, embedding_move(indices)) if is_random(weight) else rows_mean
-    if per_sample_weights is not None:
-        column = per_sample_weights
-        column = (column.moved(column.mean.unsqueeze(-1), reshape_move(column.mean.shape, (*column.mean.shape, 1)))
-                  if is_random(column) else column.unsqueeze(-1))
-        rows = mul(ctx, rows, column)
+    random_weights = is_random(per_sample_weights)  # their noise gets its own map, below
+    if random_weights:
+        column = per_sample_weights.moved(per_sample_weights.mean.unsqueeze(-1), reshape_move(
+            per_sample_weights.mean.shape, (*per_sample_weights.mean.shape, 1)))
+        extra = second_order_product(ctx, rows_mean * column.mean, rows, column) if is_random(rows) else None
+        rows = mul(ctx, rows, column.mean)
+        if extra is not None:
+            rows = rows.plus(*extra.terms)
+    elif per_sample_weights is not None:
+        rows = mul(ctx, rows, per_sample_weights.unsqueeze(-1))
     bags, n = outputs[0].shape[0], indices.shape[0]
     position = torch.arange(n, device=indices.device)
     starts = offsets[:bags]
@@ -282,7 +289,13 @@ def embedding_bag(ctx: RuleContext, weight, indices: Tensor, offsets: Tensor, sc
         scores = torch.where(member.unsqueeze(-1), mean_of(rows).unsqueeze(0), float("-inf"))  # (bags, rows, D)
         winners = F.one_hot(scores.argmax(1), n).to(matrix.dtype) * matrix.amax(1).reshape(bags, 1, 1)
         matrix = winners.permute(1, 0, 2)  # (D, bags, rows): a matrix per feature
-    return (along(rows, 0, matrix).with_mean(outputs[0]), *outputs[1:])
+    out = along(rows, 0, matrix) if is_random(rows) else outputs[0]
+    if random_weights:  # a weight is shared by its row's features: from all the weights, one (D, rows) map per bag
+        every_bag = per_sample_weights.moved(per_sample_weights.mean.expand(bags, n),
+                                             expand_move(per_sample_weights.mean.shape, (bags, n)))
+        spread = matrix.unsqueeze(1) * rows_mean.T.unsqueeze(0)  # (bags, D, rows)
+        out = combine(outputs[0], [(1.0, out), (1.0, every_bag.left_multiplied(outputs[0], spread))])
+    return (out.with_mean(outputs[0]) if is_random(out) else out, *outputs[1:])
 
 
 def _permuted_by_the_mean(x: Moment, values: Tensor, indices: Tensor, dim: int) -> Moment:

@@ -470,9 +470,6 @@ XFAIL_TODAY: dict[tuple[str, str], str] = {
         "diag mode: a sum over two dims that are not trailing is two maps along dims other than the last; the second "
         "moves the first one's map out of the last dim and collapses it (passes/spatial.py `along`; full mode is "
         "exact, one map over the image's entries): median error 28%",
-    ("jacobian", "_embedding_bag.default[random per-sample weights]"):
-        "a weight shared by a row's features, summed over the rows (a map along dim 0, then moved back: `along`'s "
-        "collapse of a map over the last dim) loses the features' covariance: error 35%, ratio 7.8e3",
     ("jacobian", "_native_batch_norm_legit.no_stats[batch_statistics]"):
         "statistics over the batch make every image depend on the others; the rule normalises per channel but "
         "keeps the images independent (their cross-covariances are 0): error 10% of max|cov|, ratio 5.1e3",
