@@ -201,6 +201,11 @@ def _without_copies(t: Term, dims: list[int]) -> Layout | None:
     return prefix if same_shape(padded, kept) else prefix.then(expand_move(padded, kept))
 
 
+def _kept_reduction(t: Tensor, dims: list[int], weight: float) -> Tensor:
+    """``t`` summed (times ``weight``) or, for a zero weight, averaged over ``dims``, kept as size-1 dims."""
+    return t.sum(dims, keepdim=True) * weight if weight else t.mean(dims, keepdim=True)
+
+
 def _reduced(ctx: RuleContext, x: Moment, dims, keepdim: bool, mean: Tensor, weight: float) -> Moment:
     ndim = x.mean.dim()
     dims = sorted({d % ndim for d in (range(ndim) if dims is None or len(dims) == 0 else dims)})
@@ -208,12 +213,27 @@ def _reduced(ctx: RuleContext, x: Moment, dims, keepdim: bool, mean: Tensor, wei
         matrices = [torch.full((1, n), weight if weight else 1.0 / n, dtype=x.mean.dtype, device=x.mean.device)
                     if d in dims else n for d, n in enumerate(x.mean.shape[1:], start=1)]
         return flat_map(x, mean, SeparableOperator(matrices, 1, x.mean))
+    partial = [[d for d in dims if _without_copies(t, [d]) is not None] for t in x.terms]
+    if len(dims) > 1 and any(0 < len(part) < len(dims) for part in partial):
+        # a term with copies along some of the dims (a per-channel noise summed over channels and positions):
+        # each term over its copy dims first (no map there), then over the rest
+        kept_mean = _kept_reduction(x.mean, dims, weight)
+        terms = []
+        for t, part in zip(x.terms, partial):
+            one = Moment(x.mean, (t,))
+            if 0 < len(part) < len(dims):
+                one = _reduced(ctx, one, part, True, _kept_reduction(x.mean, part, weight), weight)
+                one = _reduced(ctx, one, [d for d in dims if d not in part], True, kept_mean, weight)
+            else:
+                one = _reduced(ctx, one, dims, True, kept_mean, weight)
+            terms.extend(one.terms if is_random(one) else ())
+        total = merged(kept_mean, terms)
+        return total.moved(mean, reshape_move(kept_mean.shape, mean.shape)) if is_random(total) else mean
     copies = [(t, layout) for t in x.terms if (layout := _without_copies(t, dims)) is not None]
     if copies:  # the sum of copies of one entry is that entry times the sum of their scales (no map over copies)
-        reduce = (lambda t: t.sum(dims, keepdim=True)) if weight else (lambda t: t.mean(dims, keepdim=True))
-        kept_mean = reduce(x.mean) * (weight or 1.0)
-        pooled = [Term(t.noise, layout, scale=reduce(broadcast_to(_numeric(t.scale, x.mean) * torch.ones_like(
-            x.mean), x.mean.shape)) * (weight or 1.0)) for t, layout in copies]
+        kept_mean = _kept_reduction(x.mean, dims, weight)
+        pooled = [Term(t.noise, layout, scale=_kept_reduction(broadcast_to(_numeric(t.scale, x.mean) * torch.ones_like(
+            x.mean), x.mean.shape), dims, weight)) for t, layout in copies]
         others = [t for t in x.terms if all(t is not c for c, _ in copies)]
         rest = _reduced(ctx, Moment(x.mean, tuple(others)), dims, True, kept_mean, weight) if others else kept_mean
         total = merged(kept_mean, [*pooled, *(rest.terms if is_random(rest) else ())])

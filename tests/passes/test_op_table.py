@@ -466,10 +466,6 @@ XFAIL_TODAY: dict[tuple[str, str], str] = {
         "linearised attention drops the cross-token covariances of q, k and v (shared weight noise): error 56%, "
         "ratio 5.3e3",
     ("jacobian", "scaled_dot_product_attention.default[self causal]"): "as above, q = k = v: error 35%, ratio 4.9e3",
-    ("mc", "sum.dim_IntList[copies]"):
-        "diag mode: a sum over two dims that are not trailing is two maps along dims other than the last; the second "
-        "moves the first one's map out of the last dim and collapses it (passes/spatial.py `along`; full mode is "
-        "exact, one map over the image's entries): median error 28%",
     ("jacobian", "_native_batch_norm_legit.no_stats[batch_statistics]"):
         "statistics over the batch make every image depend on the others; the rule normalises per channel but "
         "keeps the images independent (their cross-covariances are 0): error 10% of max|cov|, ratio 5.1e3",
