@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from .moment import (
-    MatrixTangent, Moment, Noise, RowCovarianceNoise, Term, WeightUse, _squared, _times, broadcast_to, expand_move,
-    is_random, mean_of, merged, permute_move, same_shape, squares_times,
+    MatrixTangent, Moment, Noise, RowCovarianceNoise, Term, WeightUse, _squared, _times, broadcast_to, diagonal_matrix,
+    expand_move, is_random, mean_of, merged, permute_move, same_shape, squares_times,
 )
 from .registry import RuleContext, register
 from .shared_weight import SharedNoise
@@ -196,11 +196,17 @@ def structured_linear(ctx: RuleContext, mean: Tensor, x, weight: Moment, bias) -
         rotated = x_mean @ noise.q_in
         terms.append(Term(WeightUse(noise, rotated, noise.d.T, ("kron",)), jacobian=q_out))
         if random_x and not ctx.first_order:  # E over dx of the weight noise: diag(Q_in^T Sigma_x Q_in) D^T
-            cov = x.covariance()
-            second = ((cov @ noise.q_in) * noise.q_in).sum(-2)
+            if x.has_operator_maps:  # a convolution network's maps: their propagated variance, as products take it
+                second = x.propagated_variance() @ (noise.q_in * noise.q_in)
+            else:
+                cov = x.covariance()
+                second = ((cov @ noise.q_in) * noise.q_in).sum(-2)
             terms.append(Term(Noise(noise.eigen_variance(second)), jacobian=MatrixTangent.of(noise.q_out)))
     else:
-        cov = noise.covariance(x_mean, None, None if (ctx.first_order or not random_x) else x.covariance())
+        input_cov = None
+        if random_x and not ctx.first_order:
+            input_cov = diagonal_matrix(x.propagated_variance()) if x.has_operator_maps else x.covariance()
+        cov = noise.covariance(x_mean, None, input_cov)
         terms.append(Term(RowCovarianceNoise(cov)))
     if is_random(bias) and not joint_bias:
         terms.extend(_bias_terms(mean, bias, 1.0))
