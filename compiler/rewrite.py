@@ -19,6 +19,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
 
 from momentprop.passes import Moment, RuleContext, heads, lookup
+from momentprop.passes.moment import Noise
 
 from .capture import dynamic_shapes, with_batch_of_two
 from .errors import InputError, MomentpropError, UnsupportedOpError
@@ -56,6 +57,13 @@ def _describe(node: torch.fx.Node) -> str:
         last = frames[-1]
         source = "; source: " + " ".join(line.strip() for line in trace[last:last + 2])
     return f"{module}{source}"
+
+
+def _is_one_plain_noise(value: Moment) -> bool:
+    """One fresh noise, not moved or scaled: carrying it as one variance would change nothing."""
+    (t, *rest) = value.terms
+    return not rest and type(t.noise) is Noise and not t.layout and t.jacobian is None and not isinstance(
+        t.scale, torch.Tensor) and t.scale == 1.0
 
 
 def _shares_live_noise(value: Moment, node: torch.fx.Node, env: dict, needed: set[torch.fx.Node]) -> bool:
@@ -117,7 +125,7 @@ class MomentInterpreter(nn.Module):
             pytree.tree_map_only(Moment, lambda m: _check_full_size(m, _describe(node)), out)
         else:  # the diag policy: matrix maps collapse where they are formed
             out = pytree.tree_map_only(Moment, Moment.collapsed_matrix_maps, out)
-            if node in self.facts.variance_only and isinstance(out, Moment) and len(out.terms) > 1 \
+            if node in self.facts.variance_only and isinstance(out, Moment) and not _is_one_plain_noise(out) \
                     and not _shares_live_noise(out, node, env, self.facts.needed):
                 out = Moment.diagonal(out.mean, out.variance())
         return out
