@@ -360,11 +360,36 @@ class _Reduce(nn.Module):
         return x.sum(self.dims).flatten(1)
 
 
+def kron_factors(parameter: torch.Tensor, seed: int, scale: float = 1e-3):
+    """Random Kronecker factors (``mp.Kron``) for ``parameter``, as laplace-torch factors a weight or a kernel:
+    ``out x (in · k...)``, random orthogonal eigenvectors and eigenvalues in ``[0, scale)``."""
+    import momentprop as mp
+
+    g = torch.Generator().manual_seed(seed)
+    out, n = parameter.shape[0], parameter[0].numel()
+    q_out = torch.linalg.qr(torch.randn(out, out, generator=g))[0]
+    q_in = torch.linalg.qr(torch.randn(n, n, generator=g))[0]
+    return mp.Kron(q_out, q_in, scale * torch.rand(out, n, generator=g))
+
+
+def kron_posterior(model: nn.Module, scale: float = 1e-3, seed: int = 0) -> dict:
+    """Kronecker factors on every linear weight and every ungrouped, not transposed convolution kernel (where the
+    rules keep the structure), seeded variances on every other parameter."""
+    posterior = random_posterior(model, scale, seed=seed)
+    for i, (name, module) in enumerate(model.named_modules()):
+        conv = isinstance(module, nn.modules.conv._ConvNd)
+        if isinstance(module, nn.Linear) or (conv and module.groups == 1 and not module.transposed):
+            key = f"{name}.weight" if name else "weight"
+            posterior[key] = kron_factors(module.weight, seed * 1000 + i, scale)
+    return posterior
+
+
 def random_cnn(seed: int) -> tuple[nn.Module, tuple[int, ...]]:
     """A seeded random convolutional network for 1-d, 2-d or 3-d images and its input shape (without the batch):
     2-4 layers drawn from convolutions (stride, padding, dilation, groups, transposed), activations,
-    batch and group norm, max and average pooling, padding, upsampling, residual and concatenating skips; then a
-    global average pool, or a sum over the channels and the first spatial dim, and a linear head of 3 outputs."""
+    batch, group and instance norm, max and average pooling, padding, upsampling, residual and concatenating skips;
+    then a global average pool, or a sum over the channels and the first spatial dim, and a linear head of 3
+    outputs."""
     g = torch.Generator().manual_seed(seed)
 
     def pick(options):
@@ -397,6 +422,9 @@ def random_cnn(seed: int) -> tuple[nn.Module, tuple[int, ...]]:
             layers.append(norm_cls(channels))
             if channels % 2 == 0 and pick([True, False]):
                 layers.append(nn.GroupNorm(2, channels))
+            elif pick([True, False]):
+                layers.append({1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims](
+                    channels, affine=True))
         elif kind == "pool":
             pool = pick([nn.MaxPool1d, nn.AvgPool1d] if dims == 1 else [nn.MaxPool2d, nn.AvgPool2d] if dims == 2
                         else [nn.MaxPool3d, nn.AvgPool3d])

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import momentprop as mp
 from exact_oracle import assert_close64, jacobian_covariance, median_relative_error, monte_carlo_moments
-from oracles import cnn_input, make_cnn, random_cnn, random_posterior
+from oracles import cnn_input, kron_factors, kron_posterior, make_cnn, random_cnn, random_posterior
 
 ARCHITECTURES = ["lenet", "resnet", "unet", "mobile", "conv1d"]
 
@@ -111,6 +111,18 @@ def test_glm_full_is_the_jacobian_covariance(name):
 
 
 GENERATED = range(24)
+
+
+@pytest.mark.parametrize("seed", [5, *[pytest.param(s, marks=pytest.mark.slow) for s in range(12)]])
+def test_kron_kernels_are_exact_on_generated_cnns(seed):
+    """The generated networks with Kronecker factors on every ungrouped, not transposed kernel and the head
+    (``oracles.kron_posterior``): full mode with the GLM is autograd's ``J S J^T`` with the dense covariances."""
+    model, shape = random_cnn(seed)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
+    posterior = kron_posterior(model, seed=seed)
+    _, cov = mp.compile(model, posterior, (x,), covariance="full", predictive="glm")(x)
+    _, expected = jacobian_covariance(model, posterior, x)
+    assert_close64(cov, expected, what=str(model))
 
 
 @pytest.mark.parametrize("seed", [s if s % 12 == 0 else pytest.param(s, marks=pytest.mark.slow) for s in GENERATED])
@@ -238,15 +250,6 @@ def test_last_layer_laplace_on_a_cnn_is_laplace_torchs_glm_predictive(structure)
     torch.testing.assert_close(cm.predict(x[:8]), la(x[:8]).float(), rtol=1e-4, atol=1e-6)
 
 
-def _kron(parameter: torch.Tensor, seed: int, scale: float = 1e-3):
-    """Random Kronecker factors for ``parameter`` as laplace-torch factors it (out x in · k...)."""
-    g = torch.Generator().manual_seed(seed)
-    out, n = parameter.shape[0], parameter[0].numel()
-    q_out = torch.linalg.qr(torch.randn(out, out, generator=g))[0]
-    q_in = torch.linalg.qr(torch.randn(n, n, generator=g))[0]
-    return mp.Kron(q_out, q_in, scale * torch.rand(out, n, generator=g))
-
-
 @pytest.mark.parametrize("dims", [2, pytest.param(1, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
 def test_full_mode_keeps_a_kron_kernel_posteriors_structure_exactly(dims):
     """Kronecker factors on every kernel (padded, strided) and on the head: full mode with the GLM is autograd's
@@ -257,8 +260,8 @@ def test_full_mode_keeps_a_kron_kernel_posteriors_structure_exactly(dims):
     torch.manual_seed(0)
     model = nn.Sequential(conv(2, 3, 3, padding=1), nn.ReLU(), conv(3, 4, 2, stride=2), nn.Tanh(), pool(1),
                           nn.Flatten(), nn.Linear(4, 3)).eval()
-    posterior = {"0.weight": _kron(model[0].weight, 1), "0.bias": torch.full((3,), 1e-3),
-                 "2.weight": _kron(model[2].weight, 2), "6.weight": _kron(model[6].weight, 3)}
+    posterior = {"0.weight": kron_factors(model[0].weight, 1), "0.bias": torch.full((3,), 1e-3),
+                 "2.weight": kron_factors(model[2].weight, 2), "6.weight": kron_factors(model[6].weight, 3)}
     x = torch.randn(2, 2, *[6 if dims < 3 else 4] * dims, generator=torch.Generator().manual_seed(4))
     _, cov = mp.compile(model, posterior, (x,), covariance="full", predictive="glm")(x)
     _, expected = jacobian_covariance(model, posterior, x)
