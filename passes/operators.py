@@ -170,9 +170,9 @@ def fold(columns: Tensor, size, kernel_size, stride, padding, dilation) -> Tenso
     (PyTorch's ``fold`` in 1-d and 2-d; in 3-d, which ``fold`` lacks, each kernel offset's block spread by the
     stride and padded into place)."""
     if len(size) < 3:
-        lead = 2 - len(size)  # a 1-d image as one of height 1
-        out = F.fold(columns, (1,) * lead + tuple(size), (1,) * lead + tuple(kernel_size), (1,) * lead + tuple(
-            dilation), (0,) * lead + tuple(padding), (1,) * lead + tuple(stride))
+        like = columns.new_empty(columns.shape[0], 0, *size)  # only its number of dims matters
+        _, kernel_size, stride, padding, dilation = _as_2d(like, kernel_size, stride, padding, dilation)
+        out = F.fold(columns, (1, *size) if len(size) == 1 else tuple(size), kernel_size, dilation, padding, stride)
         return out.reshape(columns.shape[0], -1, *size)
     padded = [s + 2 * p for s, p in zip(size, padding)]
     grid = [(padded[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1 for i, k in enumerate(kernel_size)]

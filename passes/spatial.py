@@ -213,21 +213,21 @@ def _reduced(ctx: RuleContext, x: Moment, dims, keepdim: bool, mean: Tensor, wei
         matrices = [torch.full((1, n), weight if weight else 1.0 / n, dtype=x.mean.dtype, device=x.mean.device)
                     if d in dims else n for d, n in enumerate(x.mean.shape[1:], start=1)]
         return flat_map(x, mean, SeparableOperator(matrices, 1, x.mean))
-    partial = [[d for d in dims if _without_copies(t, [d]) is not None] for t in x.terms]
-    if len(dims) > 1 and any(0 < len(part) < len(dims) for part in partial):
-        # a term with copies along some of the dims (a per-channel noise summed over channels and positions):
-        # each term over its copy dims first (no map there), then over the rest
+    partial = {id(t): part for t in x.terms
+               if 0 < len(part := [d for d in dims if _without_copies(t, [d]) is not None]) < len(dims)}
+    if partial:  # a term with copies along some of the dims (a per-channel noise summed over channels and
+        # positions): over its copy dims first (no map there), then over the rest; the other terms together
         kept_mean = _kept_reduction(x.mean, dims, weight)
-        terms = []
-        for t, part in zip(x.terms, partial):
-            one = Moment(x.mean, (t,))
-            if 0 < len(part) < len(dims):
-                one = _reduced(ctx, one, part, True, _kept_reduction(x.mean, part, weight), weight)
-                one = _reduced(ctx, one, [d for d in dims if d not in part], True, kept_mean, weight)
-            else:
-                one = _reduced(ctx, one, dims, True, kept_mean, weight)
-            terms.extend(one.terms if is_random(one) else ())
-        total = merged(kept_mean, terms)
+        parts = []
+        for t in x.terms:
+            if (part := partial.get(id(t))) is not None:
+                over_copies = _reduced(ctx, Moment(x.mean, (t,)), part, True, _kept_reduction(x.mean, part, weight),
+                                       weight)
+                parts.append(_reduced(ctx, over_copies, [d for d in dims if d not in part], True, kept_mean, weight))
+        others = tuple(t for t in x.terms if id(t) not in partial)
+        if others:
+            parts.append(_reduced(ctx, Moment(x.mean, others), dims, True, kept_mean, weight))
+        total = merged(kept_mean, [t for part in parts if is_random(part) for t in part.terms])
         return total.moved(mean, reshape_move(kept_mean.shape, mean.shape)) if is_random(total) else mean
     copies = [(t, layout) for t in x.terms if (layout := _without_copies(t, dims)) is not None]
     if copies:  # the sum of copies of one entry is that entry times the sum of their scales (no map over copies)
